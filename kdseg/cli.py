@@ -1,0 +1,92 @@
+"""The ``kdseg`` command: a LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``.
+
+Model and data are chosen by ``class_path`` (any method with any compatible data module);
+experiments live in ``experiments/`` as config files, composable (later files override earlier
+ones, e.g. ``--config experiments/acdc/mean_teacher.yaml --config experiments/profiles/cpu.yaml``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from kdseg.callbacks.prediction_writer import VolumePredictionWriter
+from kdseg.callbacks.run_dir import ensure_new_run_dir, run_dir
+from kdseg.data.datamodule import VolumeSegmentationDataModule
+from kdseg.methods.base import SegmentationMethod
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the resolved config as ``config.yaml`` in the run's own folder (for every logger,
+    W&B included) and refuses to overwrite one."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.already_saved or trainer.fast_dev_run:
+            return
+        directory = run_dir(trainer)
+        if trainer.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+            target = directory / self.config_filename
+            if target.exists():
+                raise FileExistsError(f"{target} exists: kdseg never overwrites a run's config")
+            self.parser.save(self.config, target, skip_none=False, overwrite=False, multifile=self.multifile)
+        self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
+class KdsegCLI(LightningCLI):
+    """Adds the best-by-validation-Dice checkpoint, the prediction writer and run-folder guards."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/dice_mean",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-step{step}-dice{val/dice_mean:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(VolumePredictionWriter, "prediction_writer")
+
+    def before_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.fast_dev_run:
+            return
+        ensure_new_run_dir(run_dir(trainer))
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.dirpath is not None:
+            dirpath = Path(checkpoint.dirpath)
+            if dirpath.is_dir() and any(dirpath.glob("*.ckpt")):
+                raise FileExistsError(
+                    f"{dirpath} already holds checkpoints of an earlier run: set another "
+                    "--checkpoint.dirpath (kdseg never overwrites checkpoints)"
+                )
+
+
+def main(args: list[str] | None = None) -> KdsegCLI:
+    """Entry point of the ``kdseg`` console script."""
+    return KdsegCLI(
+        model_class=SegmentationMethod,
+        datamodule_class=VolumeSegmentationDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_callback=RunConfigSaver,
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": "runs", "name": "kdseg"},
+            },
+        },
+        parser_kwargs={"parser_mode": "omegaconf"},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The segmentation network every method trains: an smp U-Net that also exposes its decoder scales.
+
+Methods need more than the final logits: multi-scale KD (ScribSD+) needs a prediction at every
+decoder scale, contrastive methods (ACTION, ScribSD+) need pixel embeddings and the encoder
+bottleneck. ``segmentation_models_pytorch.Unet.forward`` returns only the logits, so
+:class:`SegmentationNetwork` runs the same encoder, decoder blocks and head itself and returns all
+intermediate maps in a :class:`NetworkOutput`. A test checks that its logits equal smp's own
+forward, so an smp upgrade that changes the decoder is caught.
+
+Extra heads (deep-supervision heads, projection heads, predictors) are declared by the method with
+:meth:`SegmentationNetwork.add_head`: they live inside the network, so the EMA teacher (a deep copy
+of the student) has them too and the EMA callback updates them with everything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class NetworkOutput:
+    """What one forward pass returns.
+
+    Attributes:
+        logits: ``(B, C, H, W)`` class scores at input resolution.
+        decoder_features: decoder block outputs, coarsest first, finest (input resolution) last;
+            ``decoder_features[-k]`` is at ``1 / 2**(k-1)`` of the input size.
+        encoder_features: encoder stage outputs, finest first; ``encoder_features[-1]`` is the
+            bottleneck.
+    """
+
+    logits: Tensor
+    decoder_features: list[Tensor] = field(default_factory=list)
+    encoder_features: list[Tensor] = field(default_factory=list)
+
+
+class SegmentationNetwork(nn.Module):
+    """An ``smp.Unet`` with access to its decoder scales and room for method-specific heads.
+
+    Args:
+        encoder_name: any smp / timm encoder (``resnet18``, ``tu-resnet10t``,
+            ``tu-mobilenetv3_small_100``, ...).
+        encoder_weights: ``None`` (random init, works offline) or a name smp can download, or a
+            path to a local ``state_dict`` file for the encoder (nothing is downloaded then).
+        in_channels: image channels (1 for MRI).
+        num_classes: output classes, background included.
+        encoder_depth: number of encoder stages (3 to 5); the decoder has as many blocks.
+        decoder_channels: channels of each decoder block, coarsest first; its length must equal
+            ``encoder_depth``.
+    """
+
+    def __init__(
+        self,
+        encoder_name: str = "resnet18",
+        encoder_weights: str | None = None,
+        in_channels: int = 1,
+        num_classes: int = 4,
+        encoder_depth: int = 5,
+        decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16),
+    ) -> None:
+        super().__init__()
+        if len(decoder_channels) != encoder_depth:
+            raise ValueError(
+                f"decoder_channels has {len(decoder_channels)} entries but encoder_depth is "
+                f"{encoder_depth}: give one channel count per decoder block"
+            )
+        local_weights = None
+        if encoder_weights is not None and (
+            encoder_weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        ):
+            local_weights, encoder_weights = encoder_weights, None
+        self.unet = smp.Unet(
+            encoder_name=encoder_name,
+            encoder_weights=encoder_weights,
+            in_channels=in_channels,
+            classes=num_classes,
+            encoder_depth=encoder_depth,
+            decoder_channels=list(decoder_channels),
+        )
+        if local_weights is not None:
+            state = torch.load(local_weights, map_location="cpu", weights_only=True)
+            self.unet.encoder.load_state_dict(state)
+        self.num_classes = num_classes
+        self.decoder_channels = tuple(decoder_channels)
+        self.encoder_channels = tuple(self.unet.encoder.out_channels)
+        self.heads = nn.ModuleDict()
+
+    @property
+    def output_stride(self) -> int:
+        return int(self.unet.encoder.output_stride)
+
+    def add_head(self, name: str, head: nn.Module) -> None:
+        """Registers a method's extra head so that it is saved, copied to the teacher and EMA'd."""
+        if name in self.heads:
+            raise ValueError(f"a head named {name!r} is already registered")
+        self.heads[name] = head
+
+    def forward(self, image: Tensor) -> NetworkOutput:
+        """Runs encoder, every decoder block and the segmentation head.
+
+        Args:
+            image: ``(B, in_channels, H, W)``; H and W divisible by :attr:`output_stride`.
+        """
+        self.unet.check_input_shape(image)
+        encoder_features = self.unet.encoder(image)
+        decoder = self.unet.decoder
+        # Same steps as smp's UnetDecoder.forward, keeping each block's output.
+        spatial_shapes = [feature.shape[2:] for feature in encoder_features][::-1]
+        deep_to_shallow = encoder_features[1:][::-1]
+        x = decoder.center(deep_to_shallow[0])
+        skips = deep_to_shallow[1:]
+        decoder_features = []
+        for i, block in enumerate(decoder.blocks):
+            height, width = spatial_shapes[i + 1]
+            x = block(x, height, width, skip_connection=skips[i] if i < len(skips) else None)
+            decoder_features.append(x)
+        logits = self.unet.segmentation_head(x)
+        return NetworkOutput(
+            logits=logits,
+            decoder_features=decoder_features,
+            encoder_features=list(encoder_features),
+        )

@@ -1,0 +1,159 @@
+"""Every config in experiments/ through the real CLI entry point, and the CLI's guarantees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+from conftest import REPO, TINY_NETWORK, run_cli
+
+PHANTOM_TINY_DATA = [
+    "--data.init_args.num_train_patients=4",
+    "--data.init_args.num_val_patients=1",
+    "--data.init_args.num_test_patients=1",
+    "--data.init_args.num_slices=3",
+    "--data.init_args.phantom_size=40",
+]
+
+
+def segmentation_configs(folder: str) -> list[Path]:
+    return sorted((REPO / "experiments" / folder).glob("*.yaml"))
+
+
+def tiny_overrides(config: Path, acdc_root: Path) -> list[str]:
+    """Tiny data: the phantom for phantom configs, phantom-in-ACDC-layout for ACDC configs."""
+    if "acdc" in config.parts:
+        data = [f"--data.init_args.root={acdc_root}"]
+        # Semi-supervised configs need unlabeled patients: 2 of the 6 train patients labeled.
+        text = config.read_text()
+        if "labeled_patients: null" not in text:
+            data.append("--data.init_args.labeled_patients=2")
+        return data + TINY_NETWORK
+    return PHANTOM_TINY_DATA + TINY_NETWORK
+
+
+@pytest.mark.parametrize(
+    "config", segmentation_configs("phantom") + segmentation_configs("acdc"), ids=lambda p: f"{p.parent.name}/{p.stem}"
+)
+def test_every_config_fast_dev_run(config: Path, acdc_like_root: Path, in_tmp_cwd: Path) -> None:
+    cli = run_cli(["fit", f"--config={config}", "--trainer.fast_dev_run=true", *tiny_overrides(config, acdc_like_root)])
+    assert cli.trainer.state.finished
+    assert "val/dice_mean" in cli.trainer.callback_metrics
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/dice_mean"]) <= 1.0
+
+
+def test_print_config_shows_method_and_data(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", f"--config={REPO / 'experiments/phantom/mean_teacher.yaml'}", "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "class_path: kdseg.methods.MeanTeacher" in out
+    assert "consistency_rampup_steps: 200" in out
+    assert "seed_everything: 0" in out
+
+
+def test_unknown_config_key_is_rejected_before_training(in_tmp_cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = in_tmp_cwd / "bad.yaml"
+    bad.write_text(
+        (REPO / "experiments/phantom/supervised.yaml").read_text().replace("lr: 0.03", "lr: 0.03\n    learning_rte: 0.1")
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", f"--config={bad}"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "learning_rte" in err
+    assert not (in_tmp_cwd / "runs").exists()
+
+
+def _short_fit(in_tmp_cwd: Path, config: str, extra: list[str] = ()) -> "object":
+    return run_cli(
+        [
+            "fit",
+            f"--config={REPO / 'experiments' / config}",
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=2",
+            *PHANTOM_TINY_DATA,
+            *TINY_NETWORK,
+            *extra,
+        ]
+    )
+
+
+def test_fit_test_predict_roundtrip_and_nothing_overwritten(in_tmp_cwd: Path) -> None:
+    cli = _short_fit(in_tmp_cwd, "phantom/mean_teacher.yaml")
+    run_dir = Path(cli.trainer.log_dir)
+    assert (run_dir / "config.yaml").is_file()
+    best = cli.trainer.checkpoint_callback.best_model_path
+    assert best and Path(best).is_file() and "best-step" in best
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+    # A second identical run gets its own folder; the first one's files are untouched.
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    cli2 = _short_fit(in_tmp_cwd, "phantom/mean_teacher.yaml")
+    assert Path(cli2.trainer.log_dir) != run_dir
+    assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+    # kdseg test with the run's own config writes the results files into its run folder.
+    test_cli = run_cli(["test", f"--config={run_dir / 'config.yaml'}", f"--ckpt_path={best}"])
+    test_dir = Path(test_cli.trainer.log_dir)
+    metrics = json.loads((test_dir / "test_metrics.json").read_text())
+    assert set(metrics["per_class"]) == {"RV", "Myo", "LV"}
+    assert metrics["distance_unit"] == "mm"  # the phantom has a known spacing
+    assert metrics["num_volumes"] == 2  # 1 test patient x 2 frames
+    rows = (test_dir / "test_cases.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("case_id,dice_RV,hd95_RV,asd_RV,status_RV")
+    assert len(rows) == 1 + 2
+
+    # kdseg predict writes one HDF5 mask per volume and refuses to overwrite.
+    out = in_tmp_cwd / "pred"
+    args = ["predict", f"--config={run_dir / 'config.yaml'}", f"--ckpt_path={best}", f"--prediction_writer.output_dir={out}"]
+    run_cli(args)
+    files = sorted(out.glob("*.h5"))
+    assert [f.stem for f in files] == ["phantom005_frame01", "phantom005_frame12"]
+    with h5py.File(files[0]) as f:
+        prediction = f["prediction"][:]
+    assert prediction.shape == (3, 40, 40) and prediction.max() <= 3
+    with pytest.raises(FileExistsError, match="phantom005_frame01.h5"):
+        run_cli(args)
+
+
+def test_pinned_logger_version_that_exists_is_refused(in_tmp_cwd: Path) -> None:
+    _short_fit(in_tmp_cwd, "phantom/supervised.yaml", ["--trainer.logger.init_args.version=fixed"])
+    with pytest.raises(FileExistsError, match="fixed"):
+        _short_fit(in_tmp_cwd, "phantom/supervised.yaml", ["--trainer.logger.init_args.version=fixed"])
+
+
+def test_resume_restores_teacher_and_continues_steps(in_tmp_cwd: Path) -> None:
+    cli = _short_fit(in_tmp_cwd, "phantom/mean_teacher.yaml")
+    last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    teacher_saved = {k: v for k, v in saved["state_dict"].items() if k.startswith("ema_teacher.")}
+    assert teacher_saved and saved["global_step"] == 4
+
+    resumed = _short_fit(in_tmp_cwd, "phantom/mean_teacher.yaml", ["--trainer.max_steps=4", f"--ckpt_path={last}"])
+    model = resumed.model
+    # Nothing left to train (max_steps reached): the teacher is exactly the checkpoint's.
+    assert resumed.trainer.global_step == 4
+    for key, value in teacher_saved.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+
+    continued = _short_fit(in_tmp_cwd, "phantom/mean_teacher.yaml", ["--trainer.max_steps=6", f"--ckpt_path={last}"])
+    assert continued.trainer.global_step == 6
+
+
+def test_wandb_logger_snippet_offline(in_tmp_cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cli = _short_fit(
+        in_tmp_cwd, "phantom/supervised.yaml", [f"--config={REPO / 'experiments/loggers/wandb.yaml'}"]
+    )
+    from lightning.pytorch.loggers import WandbLogger
+
+    assert isinstance(cli.trainer.logger, WandbLogger)
+    run_dirs = list((in_tmp_cwd / "runs" / "kdseg").iterdir())
+    assert len(run_dirs) == 1
+    assert (run_dirs[0] / "config.yaml").is_file()
+    assert list((run_dirs[0] / "checkpoints").glob("*.ckpt"))
+    assert list((in_tmp_cwd / "runs" / "wandb").glob("offline-run-*"))
