@@ -7,6 +7,7 @@ ones, e.g. ``--config experiments/acdc/mean_teacher.yaml --config experiments/pr
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from kdseg.callbacks.prediction_writer import VolumePredictionWriter
 from kdseg.callbacks.run_dir import ensure_new_run_dir, run_dir
 from kdseg.data.datamodule import VolumeSegmentationDataModule
+from kdseg.data.volume import DataError
 from kdseg.methods.base import SegmentationMethod
 
 
@@ -68,6 +70,24 @@ class KdsegCLI(LightningCLI):
                 )
 
 
+    def after_fit(self) -> None:
+        """Prints the validation Dice the run reached and where its best checkpoint is."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        dice = trainer.callback_metrics.get("val/dice_mean")
+        lines = [f"kdseg: run folder {run_dir(trainer)}"]
+        if dice is not None:
+            lines.append(f"kdseg: last validation Dice (mean over classes and volumes) = {float(dice):.4f}")
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.best_model_score is not None:
+            lines.append(
+                f"kdseg: best validation Dice = {float(checkpoint.best_model_score):.4f} "
+                f"({checkpoint.best_model_path})"
+            )
+        print("\n".join(lines), flush=True)
+
+
 def main(args: list[str] | None = None) -> KdsegCLI:
     """Entry point of the ``kdseg`` console script."""
     return KdsegCLI(
@@ -88,5 +108,14 @@ def main(args: list[str] | None = None) -> KdsegCLI:
     )
 
 
+def console() -> None:
+    """The ``kdseg`` console script: bad input ends with one clear line, not a traceback."""
+    try:
+        main()
+    except (DataError, FileExistsError, FileNotFoundError) as error:
+        print(f"kdseg: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    console()

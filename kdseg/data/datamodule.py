@@ -360,11 +360,11 @@ class PhantomDataModule(VolumeSegmentationDataModule):
 
         split = "test" if split == "predict" else split
         wanted = self.patients_in_split(split)
-        volumes = make_phantom_volumes(
-            num_patients=sum(self.split_sizes.values()),
+        return make_phantom_volumes(
+            num_patients=len(wanted),
             seed=self.seed,
             num_slices=self.num_slices,
             size=(self.phantom_size, self.phantom_size),
             with_scribbles=True,
+            patient_indices=[int(p.removeprefix("phantom")) for p in wanted],
         )
-        return [v for v in volumes if v.patient_id in set(wanted)]

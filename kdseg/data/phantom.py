@@ -24,6 +24,8 @@ blurred (partial volume), multiplied by a smooth bias field, given Rician noise 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -435,7 +437,8 @@ def make_phantom_volumes(num_patients: int, seed: int, num_slices: int = 8,
                          size: tuple[int, int] = (64, 64),
                          frames: tuple[str, ...] = ("frame01", "frame12"),
                          with_scribbles: bool = True,
-                         spacing: tuple[float, float, float] = (10.0, 1.5, 1.5)) -> list[Volume]:
+                         spacing: tuple[float, float, float] = (10.0, 1.5, 1.5),
+                         patient_indices: Sequence[int] | None = None) -> list[Volume]:
     """Phantom patients, each with one volume per frame, as :class:`Volume` records.
 
     Deterministic: patient ``p`` depends only on ``(seed, p)`` (not on ``num_patients``), and
@@ -451,6 +454,8 @@ def make_phantom_volumes(num_patients: int, seed: int, num_slices: int = 8,
         frames: frame names; case ids are ``<patient>_<frame>``.
         with_scribbles: add scribbles from :func:`scribbles_from_label` (4 = not annotated).
         spacing: ``(z, y, x)`` voxel size in mm.
+        patient_indices: generate only these patients (``num_patients`` is then ignored): a
+            split's patients without generating the others.
 
     Returns:
         ``num_patients * len(frames)`` volumes, patient-major, with ``source=None`` and
@@ -462,7 +467,7 @@ def make_phantom_volumes(num_patients: int, seed: int, num_slices: int = 8,
         raise ValueError(f"frames must be non-empty and unique, got {frames}")
     size = _check_size(num_slices, size)
     volumes: list[Volume] = []
-    for p in range(num_patients):
+    for p in patient_indices if patient_indices is not None else range(num_patients):
         patient_rng = np.random.default_rng([seed, p])
         anatomy = _sample_anatomy(patient_rng, size)
         look = _sample_appearance(patient_rng)

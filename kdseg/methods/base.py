@@ -14,6 +14,7 @@ import copy
 import csv
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ from kdseg.callbacks.run_dir import run_dir
 from kdseg.metrics.segmentation import distance_unit, summarize, volume_metrics
 from kdseg.networks.inference import predict_volume
 from kdseg.networks.unet import NetworkOutput, SegmentationNetwork
+
+# The EMA teacher is in eval mode on purpose (see TeacherStudentMethod); Lightning warns about it.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 @dataclass(frozen=True)

@@ -81,13 +81,51 @@ class SegmentationNetwork(nn.Module):
             encoder_depth=encoder_depth,
             decoder_channels=list(decoder_channels),
         )
+        self._drop_unused_encoder_stages(in_channels)
         if local_weights is not None:
-            state = torch.load(local_weights, map_location="cpu", weights_only=True)
-            self.unet.encoder.load_state_dict(state)
+            self._load_encoder_weights(local_weights)
         self.num_classes = num_classes
         self.decoder_channels = tuple(decoder_channels)
         self.encoder_channels = tuple(self.unet.encoder.out_channels)
         self.heads = nn.ModuleDict()
+
+    def _load_encoder_weights(self, path: str) -> None:
+        """Loads a local encoder ``state_dict``; stages this depth does not use may be in it."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as error:
+            raise ValueError(f"{path}: cannot read encoder weights ({error})") from error
+        # nn.Module.load_state_dict: smp encoders override it and return nothing.
+        result = nn.Module.load_state_dict(self.unet.encoder, state, strict=False)
+        if result.missing_keys:
+            raise ValueError(
+                f"{path}: encoder weights lack {len(result.missing_keys)} tensors of "
+                f"{type(self.unet.encoder).__name__}, e.g. {result.missing_keys[:3]}"
+            )
+
+    @torch.no_grad()
+    def _drop_unused_encoder_stages(self, in_channels: int) -> None:
+        """Removes encoder stages that a shallow ``encoder_depth`` never runs.
+
+        smp keeps e.g. ResNet's ``layer3``/``layer4`` when ``encoder_depth=3``: their parameters
+        would never get a gradient, which DDP rejects, and they waste memory. A probe forward pass
+        finds the encoder's child modules that are never called; they become ``nn.Identity``.
+        """
+        encoder = self.unet.encoder
+        called: set[int] = set()
+        hooks = [m.register_forward_hook(lambda mod, i, o: called.add(id(mod))) for m in encoder.children()]
+        was_training = encoder.training
+        encoder.eval()
+        size = int(encoder.output_stride) * 2
+        try:
+            encoder(torch.zeros(1, in_channels, size, size))
+        finally:
+            for hook in hooks:
+                hook.remove()
+            encoder.train(was_training)
+        for name, child in list(encoder.named_children()):
+            if id(child) not in called and any(True for _ in child.parameters()):
+                setattr(encoder, name, nn.Identity())
 
     @property
     def output_stride(self) -> int:

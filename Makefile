@@ -1,0 +1,36 @@
+# kdseg: the two set-up commands are `make fit` and `make test`; each creates .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+KDSEG := $(VENV)/bin/kdseg
+STAMP := $(VENV)/.installed-stamp
+CONFIG ?= experiments/phantom/mean_teacher.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install fit test test-slow bench clean-venv
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Trains the default config on the built-in phantom (no data needed) and prints validation Dice.
+fit: $(STAMP)
+	$(KDSEG) fit --config $(CONFIG) --trainer.enable_progress_bar=false
+
+# The test suite (long runs are behind the `slow` marker: `make test-slow`).
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -n 2 --dist loadfile -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -q $(PYTEST_ARGS)
+
+# Training-step time and peak memory of every method relative to `supervised` (CPU, and GPU if present).
+bench: $(STAMP)
+	$(PY) -m kdseg.bench --out experiments/results/bench
+
+clean-venv:
+	rm -rf $(VENV)
