@@ -88,8 +88,9 @@ class KdsegCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
-def main(args: list[str] | None = None) -> KdsegCLI:
-    """Entry point of the ``kdseg`` console script."""
+def main(args: list[str] | None = None, run: bool = True) -> KdsegCLI:
+    """Entry point of the ``kdseg`` console script (``run=False``: parse and instantiate only,
+    with ``args`` then given without a subcommand)."""
     return KdsegCLI(
         model_class=SegmentationMethod,
         datamodule_class=VolumeSegmentationDataModule,
@@ -105,6 +106,7 @@ def main(args: list[str] | None = None) -> KdsegCLI:
         },
         parser_kwargs={"parser_mode": "omegaconf"},
         args=args,
+        run=run,
     )
 
 
