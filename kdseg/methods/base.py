@@ -76,6 +76,10 @@ class SegmentationMethod(pl.LightningModule):
         poly_power: exponent of the poly schedule.
         val_surface_metrics: also compute HD95/ASD at validation (slower; test always does).
         eval_slice_batch_size: slices per forward pass when segmenting a volume.
+        init_weights_from: a checkpoint of an earlier run (e.g. the previous stage of a multi-stage
+            method) whose matching weights initialise this one at the start of ``fit``; heads
+            that only this method has keep their fresh initialisation. Unlike ``--ckpt_path`` it
+            restores no optimizer state or step.
     """
 
     #: whether ``training_step`` needs the unlabeled stream.
@@ -94,6 +98,7 @@ class SegmentationMethod(pl.LightningModule):
         poly_power: float = 0.9,
         val_surface_metrics: bool = False,
         eval_slice_batch_size: int = 16,
+        init_weights_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -117,6 +122,35 @@ class SegmentationMethod(pl.LightningModule):
     def inference_network(self) -> nn.Module:
         """The network evaluated at validation / test / predict."""
         return self.student
+
+    # -- initialisation from an earlier run --------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.init_weights_from:
+            self.load_weights_from(self.hparams.init_weights_from)
+
+    def load_weights_from(self, path: str | Path) -> None:
+        """Copies every tensor of the checkpoint's ``state_dict`` whose name and shape match.
+
+        Raises:
+            FileNotFoundError: no such checkpoint.
+            ValueError: the checkpoint has no weights for the student's U-Net.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: init_weights_from names no checkpoint file")
+        state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+        own = self.state_dict()
+        matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not any(k.startswith("student.unet.") for k in matched):
+            raise ValueError(f"{path}: no student U-Net weights of this architecture in the checkpoint")
+        if hasattr(self, "ema_teacher") and not any(k.startswith("ema_teacher.") for k in matched):
+            # An earlier student-only run: its student also initialises the teacher.
+            matched.update({
+                "ema_teacher." + k[len("student."):]: v for k, v in matched.items()
+                if k.startswith("student.") and "ema_teacher." + k[len("student."):] in own
+            })
+        self.load_state_dict(matched, strict=False)
+        rank_zero_info(f"initialised {len(matched)} of {len(own)} tensors from {path}")
 
     # -- checks before training ------------------------------------------------------------------
     def on_fit_start(self) -> None:
