@@ -16,9 +16,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from kdseg.callbacks.prediction_writer import VolumePredictionWriter
 from kdseg.callbacks.run_dir import ensure_new_run_dir, run_dir
-from kdseg.data.datamodule import VolumeSegmentationDataModule
 from kdseg.data.volume import DataError
-from kdseg.methods.base import SegmentationMethod
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -26,7 +24,8 @@ class RunConfigSaver(SaveConfigCallback):
     W&B included) and refuses to overwrite one."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.already_saved or trainer.fast_dev_run:
+        # Without a logger there is no run folder of its own to keep the config in.
+        if self.already_saved or trainer.fast_dev_run or trainer.logger is None:
             return
         directory = run_dir(trainer)
         if trainer.is_global_zero:
@@ -55,11 +54,18 @@ class KdsegCLI(LightningCLI):
         )
         parser.add_lightning_class_args(VolumePredictionWriter, "prediction_writer")
 
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        # `--trainer.enable_checkpointing false` means no checkpoint: drop the default one.
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_fit(self) -> None:
         trainer = self.trainer
         if trainer.fast_dev_run:
             return
-        ensure_new_run_dir(run_dir(trainer))
+        if trainer.logger is not None:  # without a logger only checkpoints are written (checked below)
+            ensure_new_run_dir(run_dir(trainer))
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.dirpath is not None:
             dirpath = Path(checkpoint.dirpath)
@@ -92,8 +98,10 @@ def main(args: list[str] | None = None, run: bool = True) -> KdsegCLI:
     """Entry point of the ``kdseg`` console script (``run=False``: parse and instantiate only,
     with ``args`` then given without a subcommand)."""
     return KdsegCLI(
-        model_class=SegmentationMethod,
-        datamodule_class=VolumeSegmentationDataModule,
+        # Any LightningModule / LightningDataModule by class_path: semantic methods
+        # (kdseg.methods.*) and instance methods share the CLI and its guarantees.
+        model_class=pl.LightningModule,
+        datamodule_class=pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,

@@ -1,13 +1,23 @@
 """Methods: one LightningModule per file, selected in configs by ``class_path``."""
 
 from kdseg.methods.base import NetworkConfig, SegmentationMethod, TeacherStudentMethod
+from kdseg.methods.dmpls import DMPLS
 from kdseg.methods.fully_supervised import FullySupervised
 from kdseg.methods.mean_teacher import MeanTeacher
 from kdseg.methods.pce import PartialCE
+from kdseg.methods.pce_em import PartialCEEntropyMinimization
+from kdseg.methods.scribsd import ScribSD
+from kdseg.methods.scribsd_plus import ScribSDPlus
 from kdseg.methods.supervised import Supervised
+from kdseg.methods.ustm import USTM
 
 __all__ = [
+    "DMPLS",
     "FullySupervised",
+    "PartialCEEntropyMinimization",
+    "ScribSD",
+    "ScribSDPlus",
+    "USTM",
     "MeanTeacher",
     "NetworkConfig",
     "PartialCE",

@@ -145,20 +145,27 @@ class SegmentationNetwork(nn.Module):
         """
         self.unet.check_input_shape(image)
         encoder_features = self.unet.encoder(image)
-        decoder = self.unet.decoder
-        # Same steps as smp's UnetDecoder.forward, keeping each block's output.
-        spatial_shapes = [feature.shape[2:] for feature in encoder_features][::-1]
-        deep_to_shallow = encoder_features[1:][::-1]
-        x = decoder.center(deep_to_shallow[0])
-        skips = deep_to_shallow[1:]
-        decoder_features = []
-        for i, block in enumerate(decoder.blocks):
-            height, width = spatial_shapes[i + 1]
-            x = block(x, height, width, skip_connection=skips[i] if i < len(skips) else None)
-            decoder_features.append(x)
+        decoder_features = run_unet_decoder(self.unet.decoder, encoder_features)
+        x = decoder_features[-1]
         logits = self.unet.segmentation_head(x)
         return NetworkOutput(
             logits=logits,
             decoder_features=decoder_features,
             encoder_features=list(encoder_features),
         )
+
+
+def run_unet_decoder(decoder: nn.Module, encoder_features: list[Tensor]) -> list[Tensor]:
+    """Runs an smp ``UnetDecoder`` on encoder features, returning every block's output
+    (coarsest first). The same steps as ``UnetDecoder.forward``, which keeps only the last one;
+    also used for extra decoders that share the encoder (e.g. DMPLS's auxiliary branch)."""
+    spatial_shapes = [feature.shape[2:] for feature in encoder_features][::-1]
+    deep_to_shallow = encoder_features[1:][::-1]
+    x = decoder.center(deep_to_shallow[0])
+    skips = deep_to_shallow[1:]
+    outputs = []
+    for i, block in enumerate(decoder.blocks):
+        height, width = spatial_shapes[i + 1]
+        x = block(x, height, width, skip_connection=skips[i] if i < len(skips) else None)
+        outputs.append(x)
+    return outputs
