@@ -14,7 +14,7 @@ annotations dropped at load time, so no method can leak them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import CombinedLoader
@@ -217,29 +217,9 @@ class ACDCDataModule(VolumeSegmentationDataModule):
         val_split: str | Path | None = None,
         test_split: str | Path | None = None,
         predict_split: str | Path | None = None,
-        supervision: Supervision = "dense",
-        labeled_patients: int | None = None,
-        image_size: int = 256,
-        batch_size: int = 12,
-        unlabeled_batch_size: int = 0,
-        num_workers: int = 0,
-        num_classes: int = 4,
-        scribble_ignore_index: int = 4,
-        augment: bool = True,
-        max_rotation_degrees: float = 20.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            supervision=supervision,
-            labeled_patients=labeled_patients,
-            image_size=image_size,
-            batch_size=batch_size,
-            unlabeled_batch_size=unlabeled_batch_size,
-            num_workers=num_workers,
-            num_classes=num_classes,
-            scribble_ignore_index=scribble_ignore_index,
-            augment=augment,
-            max_rotation_degrees=max_rotation_degrees,
-        )
+        super().__init__(**kwargs)
         self.root = Path(root)
         self.split_files = {
             "train": Path(train_split) if train_split else self.root / "splits" / "train.txt",
@@ -314,30 +294,12 @@ class PhantomDataModule(VolumeSegmentationDataModule):
         num_slices: int = 8,
         phantom_size: int = 96,
         seed: int = 0,
-        supervision: Supervision = "dense",
-        labeled_patients: int | None = None,
         image_size: int = 64,
         batch_size: int = 8,
-        unlabeled_batch_size: int = 0,
-        num_workers: int = 0,
-        num_classes: int = 4,
-        scribble_ignore_index: int = 4,
-        augment: bool = True,
-        max_rotation_degrees: float = 20.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            supervision=supervision,
-            labeled_patients=labeled_patients,
-            image_size=image_size,
-            batch_size=batch_size,
-            unlabeled_batch_size=unlabeled_batch_size,
-            num_workers=num_workers,
-            num_classes=num_classes,
-            scribble_ignore_index=scribble_ignore_index,
-            augment=augment,
-            max_rotation_degrees=max_rotation_degrees,
-        )
-        if num_classes != 4:
+        super().__init__(image_size=image_size, batch_size=batch_size, **kwargs)
+        if self.num_classes != 4:
             raise ValueError("the cardiac phantom has 4 classes (background, RV, Myo, LV)")
         self.split_sizes = {
             "train": num_train_patients,
