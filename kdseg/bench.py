@@ -28,11 +28,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: method name -> phantom config that defines it (the same configs users run).
-METHODS: dict[str, str] = {
-    "supervised": "experiments/phantom/supervised.yaml",
-    "mean_teacher": "experiments/phantom/mean_teacher.yaml",
-    "pce": "experiments/phantom/pce.yaml",
+#: method name -> (phantom config that defines it, the baseline it is compared with).
+METHODS: dict[str, tuple[str, str]] = {
+    "supervised": ("experiments/phantom/supervised.yaml", "supervised"),
+    "mean_teacher": ("experiments/phantom/mean_teacher.yaml", "supervised"),
+    "pce": ("experiments/phantom/pce.yaml", "supervised"),
+    "scribsd_plus": ("experiments/phantom/scribsd_plus.yaml", "pce"),
+    "scribsd": ("experiments/phantom/scribsd.yaml", "pce"),
+    "dmpls": ("experiments/phantom/dmpls.yaml", "pce"),
+    "ustm": ("experiments/phantom/ustm.yaml", "pce"),
 }
 
 
@@ -161,7 +165,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         for precision, channels_last in device_variants:
             for name in args.methods:
                 command = [
-                    sys.executable, "-m", "kdseg.bench", "--one", METHODS[name], "--device", device,
+                    sys.executable, "-m", "kdseg.bench", "--one", METHODS[name][0], "--device", device,
                     "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
                     "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", precision,
                 ] + (["--channels-last"] if channels_last else [])
@@ -175,24 +179,37 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
+def _ratio(a: float, b: float | None) -> float:
+    return a / b if b else float("nan")
+
+
 def table(results: list[dict[str, Any]]) -> str:
+    """One line per run: absolute numbers, ratios to ``supervised`` and to the method's own
+    baseline (``pce`` for the scribble methods, ...), on the same device and precision."""
     lines = [
-        f"{'method':<16} {'device':<6} {'precision':<11} {'batch (l+u)':>11} {'step s':>8} {'x sup':>6} "
-        f"{'peak MiB':>9} {'x sup':>6} {'infer sl/s':>10}"
+        f"{'method':<14} {'device':<6} {'precision':<11} {'batch l+u':>9} {'step s':>7} {'x sup':>6} "
+        f"{'peak MiB':>9} {'x sup':>6} {'baseline':>12} {'step x':>7} {'peak x':>7} {'infer sl/s':>10}"
     ]
+
+    def find(method: str, like: dict[str, Any]) -> dict[str, Any] | None:
+        return next((x for x in results if x["method"] == method and x["device"] == like["device"]
+                     and x["precision"] == like["precision"] and x["channels_last"] == like["channels_last"]), None)
+
     for r in results:
-        ref = next(
-            (x for x in results if x["method"] == "supervised" and x["device"] == r["device"]
-             and x["precision"] == r["precision"] and x["channels_last"] == r["channels_last"]),
-            None,
-        )
-        t_ratio = r["step_s"] / ref["step_s"] if ref else float("nan")
-        m_ratio = r["extra_peak_mib"] / ref["extra_peak_mib"] if ref and ref["extra_peak_mib"] > 0 else float("nan")
-        r["step_ratio_vs_supervised"], r["peak_ratio_vs_supervised"] = t_ratio, m_ratio
+        sup = find("supervised", r)
+        base_name = METHODS.get(r["method"], ("", "supervised"))[1]
+        base = find(base_name, r)
+        r["step_ratio_vs_supervised"] = _ratio(r["step_s"], sup and sup["step_s"])
+        r["peak_ratio_vs_supervised"] = _ratio(r["extra_peak_mib"], sup and sup["extra_peak_mib"])
+        r["baseline"] = base_name
+        r["step_ratio_vs_baseline"] = _ratio(r["step_s"], base and base["step_s"])
+        r["peak_ratio_vs_baseline"] = _ratio(r["extra_peak_mib"], base and base["extra_peak_mib"])
         precision = r["precision"] + ("+cl" if r["channels_last"] else "")
         lines.append(
-            f"{r['method']:<16} {r['device']:<6} {precision:<11} {str(r['labeled_batch']) + '+' + str(r['unlabeled_batch']):>11} "
-            f"{r['step_s']:>8.3f} {t_ratio:>6.2f} {r['extra_peak_mib']:>9.1f} {m_ratio:>6.2f} {r['inference_slices_per_s']:>10.1f}"
+            f"{r['method']:<14} {r['device']:<6} {precision:<11} {str(r['labeled_batch']) + '+' + str(r['unlabeled_batch']):>9} "
+            f"{r['step_s']:>7.3f} {r['step_ratio_vs_supervised']:>6.2f} {r['extra_peak_mib']:>9.1f} "
+            f"{r['peak_ratio_vs_supervised']:>6.2f} {base_name:>12} {r['step_ratio_vs_baseline']:>7.2f} "
+            f"{r['peak_ratio_vs_baseline']:>7.2f} {r['inference_slices_per_s']:>10.1f}"
         )
     return "\n".join(lines)
 

@@ -256,8 +256,8 @@ class ActionGlobalDistillation(_ContrastiveDistillation):
       (``requires_grad=False``) and never run, because ``L_global`` does not reach them (the
       released code freezes them too, ``train_decoder=0``); this also keeps DDP free of unused
       trainable parameters. The validation Dice of this stage is that of a random decoder and
-      means nothing; the configs therefore keep the *newest* checkpoint as "best"
-      (``checkpoint.monitor: step``), which is what stage 2 starts from.
+      means nothing, so stage 2 starts from this run's ``last.ckpt`` (the end of pre-training,
+      as the released code, which loads iteration 30000), not from its ``best-*.ckpt``.
     - The labeled stream is ignored (the paper pre-trains on unlabeled images).
     - The teacher is the EMA of the student *including* the projection head (BYOL-style, as the
       paper describes); the released code instead keeps a separate, never-trained key head.
