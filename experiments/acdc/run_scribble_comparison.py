@@ -7,7 +7,8 @@ no checkpoint-selection bias; the best validation Dice seen during training is r
 Finished runs (a ``test_metrics.json`` in their folder) are skipped, so the script resumes.
 
     python experiments/acdc/run_scribble_comparison.py --root ../shared/data/acdc \
-        --methods pce scribsd_plus --seeds 0 1 --out experiments/results/acdc_scribble_cpu
+        --methods pce scribsd_plus --seeds 0 1
+    python experiments/acdc/run_scribble_comparison.py --table-only --methods pce scribsd_plus ...
 """
 
 from __future__ import annotations
@@ -61,13 +62,62 @@ def run(method: str, seed: int, root: Path, out: Path) -> dict:
     return result
 
 
+def tabulate(out: Path, results_dir: Path, methods: list[str]) -> Path:
+    """Collects every finished run under ``out`` into ``results_dir``: each run's
+    ``test_metrics.json`` / ``test_cases.csv`` and a markdown table (mean +- std over seeds)."""
+    import numpy as np
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in methods:
+        runs = []
+        for run_root in sorted(out.glob(f"{method}_seed*")):
+            files = sorted(run_root.glob("**/test_metrics.json"))
+            if not files:
+                continue
+            metrics = json.loads(files[-1].read_text())
+            target = results_dir / run_root.name
+            target.mkdir(exist_ok=True)
+            (target / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+            cases = files[-1].with_name("test_cases.csv")
+            if cases.exists():
+                (target / "test_cases.csv").write_text(cases.read_text())
+            runs.append(metrics)
+        if not runs:
+            rows.append(f"| {method} | not run | | | | | | | |")
+            continue
+        cells = []
+        for name in ("RV", "Myo", "LV"):
+            values = [r["per_class"][name]["dice_mean"] for r in runs]
+            cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f}")
+        for metric in ("dice", "hd95", "asd"):
+            values = [r["mean"][metric] for r in runs]
+            cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f}")
+        best = [r.get("best_val_dice_during_training") or float("nan") for r in runs]
+        cells.append(f"{np.mean(best):.3f}")
+        rows.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+    table = results_dir / "table.md"
+    header = (
+        "| method | seeds | Dice RV | Dice Myo | Dice LV | Dice mean | HD95 mean (px) | ASD mean (px) | best val Dice in training |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+    )
+    table.write_text(header + "\n".join(rows) + "\n")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, default=REPO.parent / "shared/data/acdc")
     parser.add_argument("--methods", nargs="+", required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--out", type=Path, default=REPO / "experiments/results/acdc_scribble_cpu")
+    parser.add_argument("--out", type=Path, default=REPO / "runs/acdc_scribble_cpu", help="run folders (checkpoints)")
+    parser.add_argument("--results", type=Path, default=REPO / "experiments/results/acdc_scribble_cpu",
+                        help="where metrics files and the table go")
+    parser.add_argument("--table-only", action="store_true", help="only collect finished runs into the table")
     args = parser.parse_args()
+    if args.table_only:
+        print(tabulate(args.out.resolve(), args.results, args.methods).read_text())
+        return
     for method in args.methods:
         for seed in args.seeds:
             result = run(method, seed, args.root.resolve(), args.out.resolve())
