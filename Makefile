@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG ?= experiments/phantom/mean_teacher.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install fit test test-slow bench clean-venv
+.PHONY: install fit test test-slow bench action-chain clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test-slow: $(STAMP)
 # Training-step time and peak memory of every method relative to `supervised` (CPU, and GPU if present).
 bench: $(STAMP)
 	$(PY) -m kdseg.bench --out experiments/results/bench
+
+# ACTION's three stages in a row on ACDC: make action-chain LABELED=3 ROOT=../shared/data/acdc
+LABELED ?= 7
+ROOT ?= ../shared/data/acdc
+action-chain: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH experiments/acdc/run_action_chain.sh $(LABELED) $(ROOT)
 
 clean-venv:
 	rm -rf $(VENV)

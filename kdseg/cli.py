@@ -88,7 +88,7 @@ class KdsegCLI(LightningCLI):
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.best_model_score is not None:
             lines.append(
-                f"kdseg: best validation Dice = {float(checkpoint.best_model_score):.4f} "
+                f"kdseg: best {checkpoint.monitor} = {float(checkpoint.best_model_score):.4f} "
                 f"({checkpoint.best_model_path})"
             )
         print("\n".join(lines), flush=True)

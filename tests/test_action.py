@@ -27,7 +27,8 @@ from kdseg.methods.action import (
     confidence_weighted_cross_entropy,
 )
 from kdseg.methods.base import NetworkConfig
-from kdseg.methods.ua_mt import UncertaintyAwareMeanTeacher, masked_softmax_mse, predictive_entropy
+from kdseg.losses.uncertainty import masked_softmax_mse, predictive_entropy
+from kdseg.methods.ua_mt import UncertaintyAwareMeanTeacher
 
 CONFIG_NAMES = [
     "action_stage1", "action_stage2", "action_stage3", "action_no_stage1", "action_no_stage2",

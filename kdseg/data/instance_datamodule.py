@@ -396,7 +396,8 @@ class CervicalCellDataModule(pl.LightningDataModule):
         self.labeled_samples = labeled
         self.unlabeled_samples = [_drop_annotations(s) for s in unlabeled] + self._read_extra_unlabeled()
         if self.crop_size is not None:
-            small = [s.image_id for s in self.labeled_samples + self.unlabeled_samples if min(s.image.shape) < self.crop_size]
+            train = self.labeled_samples + self.unlabeled_samples
+            small = [s.image_id for s in train if min(s.image.shape) < self.crop_size]
             if small:
                 raise DataError(f"data.crop_size={self.crop_size} is larger than image(s) {small[:3]}")
         self._loaded = True

@@ -1,4 +1,4 @@
-"""Teacher uncertainty by Monte-Carlo input perturbation (UA-MT, USTM)."""
+"""Teacher uncertainty by Monte-Carlo input perturbation, shared by UA-MT and USTM."""
 
 from __future__ import annotations
 
@@ -11,39 +11,64 @@ from torch import Tensor
 from kdseg.losses.segmentation import sigmoid_rampup
 
 
+def predictive_entropy(mc_probs: Tensor, eps: float = 1e-6) -> Tensor:
+    """Entropy of the mean of Monte-Carlo predictions.
+
+    Args:
+        mc_probs: ``(T, B, C, H, W)`` softmax probabilities of ``T`` stochastic passes.
+        eps: inside the log, as in SSL4MIS (``log(p + 1e-6)``).
+
+    Returns:
+        ``(B, 1, H, W)``: ``-sum_c mean_t(p) * log(mean_t(p) + eps)``; 0 for a certain pixel,
+        ``ln(C)`` for a uniform one.
+    """
+    mean = mc_probs.mean(dim=0)
+    return -(mean * torch.log(mean + eps)).sum(dim=1, keepdim=True)
+
+
 @torch.no_grad()
-def mc_predictive_entropy(
+def noisy_teacher_passes(
     predict: Callable[[Tensor], Tensor], image: Tensor, passes: int = 8, noise_std: float = 0.1,
     noise_clip: float = 0.2,
 ) -> tuple[Tensor, Tensor]:
-    """Mean softmax over ``passes`` noisy forward passes and its entropy.
+    """``passes + 1`` noisy copies of ``image`` through the teacher in one batched forward.
 
-    The passes run as one batched forward of ``passes * B`` images (SSL4MIS runs T/2 forwards of
-    2B). Noise is ``clamp(N(0, noise_std^2), -noise_clip, noise_clip)``.
+    The first copy's logits are the consistency target (as in SSL4MIS / WSL4MIS, one further
+    noisy pass); the predictive entropy of the other ``passes`` is the uncertainty. Noise is
+    ``clamp(N(0, noise_std^2), -noise_clip, noise_clip)``.
 
     Args:
         predict: maps ``(N, C_in, H, W)`` images to ``(N, C, H, W)`` logits.
         image: ``(B, C_in, H, W)``.
 
     Returns:
-        ``(mean_probs (B, C, H, W), entropy (B, 1, H, W))`` in nats.
+        ``(target_logits (B, C, H, W), uncertainty (B, 1, H, W))``.
     """
-    batch = image.repeat(passes, 1, 1, 1)
-    noisy = batch + (torch.randn_like(batch) * noise_std).clamp(-noise_clip, noise_clip)
-    probs = torch.softmax(predict(noisy).float(), dim=1)
-    mean = probs.reshape(passes, image.shape[0], *probs.shape[1:]).mean(dim=0)
-    entropy = -(mean * torch.log(mean + 1e-6)).sum(dim=1, keepdim=True)
-    return mean, entropy
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    b = image.shape[0]
+    copies = image.repeat(passes + 1, 1, 1, 1)
+    logits = predict(copies + (torch.randn_like(copies) * noise_std).clamp(-noise_clip, noise_clip))
+    mc_probs = torch.softmax(logits[b:].float(), dim=1)
+    return logits[:b], predictive_entropy(mc_probs.reshape(passes, b, *mc_probs.shape[1:]))
 
 
-def uncertainty_threshold(step: int, total_steps: int, max_entropy: float = math.log(2)) -> float:
-    """UA-MT's ramped threshold ``(0.75 + 0.25 * sigmoid_rampup(step, total_steps)) * max_entropy``:
+def uncertainty_threshold(step: int, rampup_steps: int, max_entropy: float = math.log(2)) -> float:
+    """UA-MT's ramped threshold ``(0.75 + 0.25 * sigmoid_rampup(step, rampup_steps)) * max_entropy``:
     only the most certain pixels count early, nearly all later."""
-    return (0.75 + 0.25 * sigmoid_rampup(step, total_steps)) * max_entropy
+    return (0.75 + 0.25 * sigmoid_rampup(step, rampup_steps)) * max_entropy
 
 
-def masked_consistency(student_probs: Tensor, teacher_probs: Tensor, mask: Tensor) -> Tensor:
-    """``sum(mask * (p_s - p_t)^2) / (2 * sum(mask))`` as in SSL4MIS / WSL4MIS (the 2 and the sum
-    over classes are theirs); ``mask`` is ``(B, 1, H, W)`` float."""
-    distance = (student_probs - teacher_probs.detach()) ** 2
-    return (mask * distance).sum() / (2 * mask.sum() + 1e-16)
+def masked_softmax_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+    """SSL4MIS's UA-MT consistency: ``sum(mask * (softmax(s) - softmax(t))^2) / (2 sum(mask) + 1e-16)``.
+
+    Args:
+        student_logits, teacher_logits: ``(B, C, H, W)``; the teacher side is detached.
+        mask: ``(B, 1, H, W)`` float, 1 where the teacher is certain enough.
+
+    The squared difference is summed over classes and divided by twice the number of kept pixels
+    (the factor 2 comes from SSL4MIS, whose 3D binary original had 2 channels); a fully masked
+    batch gives 0.
+    """
+    dist = (torch.softmax(student_logits, dim=1) - torch.softmax(teacher_logits.detach(), dim=1)) ** 2
+    return (mask * dist).sum() / (2 * mask.sum() + 1e-16)

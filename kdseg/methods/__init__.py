@@ -1,5 +1,6 @@
 """Methods: one LightningModule per file, selected in configs by ``class_path``."""
 
+from kdseg.methods.action import ActionAnatomicalContrast, ActionGlobalDistillation, ActionLocalDistillation
 from kdseg.methods.base import NetworkConfig, SegmentationMethod, TeacherStudentMethod
 from kdseg.methods.dmpls import DMPLS
 from kdseg.methods.fully_supervised import FullySupervised
@@ -9,9 +10,14 @@ from kdseg.methods.pce_em import PartialCEEntropyMinimization
 from kdseg.methods.scribsd import ScribSD
 from kdseg.methods.scribsd_plus import ScribSDPlus
 from kdseg.methods.supervised import Supervised
+from kdseg.methods.ua_mt import UncertaintyAwareMeanTeacher
 from kdseg.methods.ustm import USTM
 
 __all__ = [
+    "ActionAnatomicalContrast",
+    "ActionGlobalDistillation",
+    "ActionLocalDistillation",
+    "UncertaintyAwareMeanTeacher",
     "DMPLS",
     "FullySupervised",
     "PartialCEEntropyMinimization",

@@ -106,9 +106,10 @@ class RepresentationHead(nn.Module):
     Computed equivalently as ``sum_i upsample_i(Conv1x1_i(f_i))``: a 1x1 convolution and bilinear
     interpolation are both linear and act on different axes (channels / space), so they commute,
     and a 1x1 convolution of a concatenation is the sum of per-part convolutions. Projecting each
-    level at its own resolution first costs about a tenth of the multiply-adds of the concatenated
-    form for the default U-Net (the wide decoder levels are the coarse ones) and never materialises
-    the ``sum(decoder_channels)``-channel full-resolution map. (The first convolution has no bias:
+    level at its own resolution first costs 1/16 of the first convolution's multiply-adds for the
+    default U-Net (decoder channels 256..16 at 1/16..1 resolution: 31 instead of 496 input
+    channels per full-resolution pixel) and never materialises the ``sum(decoder_channels)``-channel
+    full-resolution map. (The first convolution has no bias:
     the BatchNorm after it has one.)
 
     Args:
@@ -224,7 +225,8 @@ class _ContrastiveDistillation(TeacherStudentMethod):
     def global_distillation(self, student_bottleneck: Tensor, teacher_bottleneck: Tensor) -> Tensor:
         """``L_global`` = mean_i KL(p_t(i) || p_s(i)) over the bank's anchors; then the teacher's
         embeddings are enqueued (the loss used the bank as it was before this step)."""
-        student = self.student.heads[HEAD_GLOBAL_PREDICTOR](self.student.heads[HEAD_GLOBAL_PROJECTION](student_bottleneck))
+        heads = self.student.heads
+        student = heads[HEAD_GLOBAL_PREDICTOR](heads[HEAD_GLOBAL_PROJECTION](student_bottleneck))
         with torch.no_grad():
             teacher = self.ema_teacher.heads[HEAD_GLOBAL_PROJECTION](teacher_bottleneck)
         anchors = self.global_bank.get().clone()
@@ -291,7 +293,9 @@ class ActionGlobalDistillation(_ContrastiveDistillation):
             teacher_bottleneck = self.ema_teacher.unet.encoder(image)[-1]
         L_global = self.global_distillation(student_bottleneck, teacher_bottleneck)
         loss = L_global
-        self.log_dict({"train/loss": loss, "train/L_global": L_global, "train/bank_filled": float(len(self.global_bank))})
+        self.log_dict(
+            {"train/loss": loss, "train/L_global": L_global, "train/bank_filled": float(len(self.global_bank))}
+        )
         return loss
 
 
@@ -480,7 +484,9 @@ class ActionAnatomicalContrast(TeacherStudentMethod):
     ) -> None:
         super().__init__(**kwargs)
         if unsup_weighting not in ("confident_fraction", "threshold"):
-            raise ValueError(f"unsup_weighting must be 'confident_fraction' or 'threshold', got {unsup_weighting!r}")
+            raise ValueError(
+                f"unsup_weighting must be 'confident_fraction' or 'threshold', got {unsup_weighting!r}"
+            )
         self.unsup_weight = unsup_weight
         self.anco_weight = anco_weight
         self.unsup_weighting = unsup_weighting

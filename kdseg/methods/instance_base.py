@@ -11,8 +11,8 @@ and the metrics are the instance metrics of :mod:`kdseg.metrics.instance`.
   backbone; ``resnet18`` with narrow heads is the light one for CPUs.
 - Helpers that run parts of a Mask R-CNN by hand, for methods that need RoI logits of given
   RoIs or FPN features: :func:`to_rgb`, :func:`preprocess`, :func:`detect_in_input_frame`,
-  :func:`sample_shared_rois`, :func:`roi_class_logits`, :func:`hflip_boxes`,
-  :func:`paste_foreground`.
+  :func:`sample_shared_rois`, :func:`roi_class_logits` (also for flipped views),
+  :func:`hflip_boxes`, :func:`paste_foreground`.
 - :class:`InstanceSegmentationMethod`: the student, optimizer, validation / test with
   :class:`~kdseg.metrics.instance.InstanceMetricAccumulator` (``val/aji_mean``,
   ``val/map_mean``, ...; test writes ``test_metrics.json`` and ``test_cases.csv``), prediction.
@@ -161,7 +161,9 @@ def build_mask_rcnn(config: DetectorConfig = DetectorConfig(), num_classes: int 
     if config.backbone not in RESNETS:
         raise ValueError(f"detector.backbone must be one of {RESNETS}, got {config.backbone!r}")
     if len(config.anchor_sizes) != NUM_FPN_LEVELS:
-        raise ValueError(f"detector.anchor_sizes needs one size per FPN level ({NUM_FPN_LEVELS}), got {config.anchor_sizes}")
+        raise ValueError(
+            f"detector.anchor_sizes needs one size per FPN level ({NUM_FPN_LEVELS}), got {config.anchor_sizes}"
+        )
     if not 0 <= config.trainable_layers <= 5:
         raise ValueError(f"detector.trainable_layers must be in [0, 5], got {config.trainable_layers}")
     if num_classes < 2:
@@ -238,22 +240,50 @@ def preprocess(model: nn.Module, images: Sequence[Tensor], targets: list[dict[st
 
 
 @torch.no_grad()
-def detect_in_input_frame(model: nn.Module, image_list: Any, features: dict[str, Tensor]) -> tuple[list[dict[str, Tensor]], list[Tensor]]:
-    """Eval-mode RPN + RoI heads on an already transformed batch, without mapping back.
+def detect_in_input_frame(
+    model: nn.Module, image_list: Any, features: dict[str, Tensor], min_score: float = 0.0, with_masks: bool = True
+) -> tuple[list[dict[str, Tensor]], list[Tensor]]:
+    """Eval-mode detection on an already transformed batch, without mapping back to the image.
+
+    The RPN, the box branch and its post-processing (score threshold, per-class NMS, top
+    detections) are torchvision's; detections below ``min_score`` are then dropped *before* the
+    mask head, which runs only when ``with_masks`` (the pseudo-labels of a teacher need no mask
+    unless their foreground is used).
 
     Args:
         model: a Mask R-CNN in eval mode (the EMA teacher).
         image_list: from :func:`preprocess`; features: ``model.backbone(image_list.tensors)``.
+        min_score: detections kept.
+        with_masks: also predict the masks.
 
     Returns:
         ``(detections, proposals)``: per image ``boxes`` (input frame), ``labels``, ``scores``
-        (score- and per-class NMS-filtered by the model's settings) and ``masks``
-        ``(N, 1, 28, 28)`` probabilities in box coordinates; and the RPN proposals.
+        and, with masks, ``masks`` ``(N, 1, 28, 28)`` probabilities in box coordinates; and the
+        RPN proposals.
     """
+    from torchvision.models.detection.roi_heads import maskrcnn_inference
+
     if model.training:
         raise RuntimeError("detect_in_input_frame needs the model in eval mode")
+    heads = model.roi_heads
+    sizes = list(image_list.image_sizes)
     proposals, _ = model.rpn(image_list, features)
-    detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+    x = heads.box_head(heads.box_roi_pool(features, proposals, sizes))
+    class_logits, box_regression = heads.box_predictor(x)
+    boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals, sizes)
+    detections = []
+    for b, s, lab in zip(boxes, scores, labels):
+        keep = s >= min_score
+        detections.append({"boxes": b[keep], "scores": s[keep], "labels": lab[keep]})
+    if with_masks:
+        kept_boxes = [d["boxes"] for d in detections]
+        if sum(int(b.shape[0]) for b in kept_boxes):
+            mask_logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, kept_boxes, sizes)))
+            probs = maskrcnn_inference(mask_logits, [d["labels"] for d in detections])
+        else:
+            probs = [b.new_zeros((0, 1, 28, 28)) for b in kept_boxes]
+        for d, p in zip(detections, probs):
+            d["masks"] = p
     return detections, proposals
 
 
@@ -262,7 +292,7 @@ def paste_foreground(detections: Sequence[dict[str, Tensor]], image_list: Any, t
     from torchvision.models.detection.roi_heads import paste_masks_in_image
 
     tensors = image_list.tensors
-    out = torch.zeros(tensors.shape[0], tensors.shape[-2], tensors.shape[-1], dtype=torch.bool, device=tensors.device)
+    out = torch.zeros_like(tensors[:, 0], dtype=torch.bool)
     for i, (det, (h, w)) in enumerate(zip(detections, image_list.image_sizes)):
         if det["boxes"].numel() == 0:
             continue
@@ -290,10 +320,26 @@ def sample_shared_rois(
     return [p[s] for p, s in zip(proposals, sampled)], [lab[s] for lab, s in zip(roi_labels, sampled)]
 
 
-def roi_class_logits(model: nn.Module, features: dict[str, Tensor], rois: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]]) -> Tensor:
-    """The box head's class logits ``(sum R_i, C)`` for given RoIs (input frame) on given features."""
+def roi_class_logits(
+    model: nn.Module,
+    features: dict[str, Tensor],
+    rois: Sequence[Tensor],
+    image_sizes: Sequence[tuple[int, int]],
+    mirror: bool = False,
+) -> Tensor:
+    """The box head's class logits ``(sum R_i, C)`` for given RoIs (input frame) on given features.
+
+    ``mirror``: the pooled RoI features are flipped left-right before the box head. For a view
+    computed on a horizontally flipped image, pass its features flipped back (``f.flip(-1)``,
+    cell-exact because the padded width is a multiple of every pooled stride) with the original
+    RoIs and ``mirror=True``: the head then sees exactly the mirrored RoI, as if the RoI had been
+    mirrored in the flipped image. Mirroring the boxes instead (:func:`hflip_boxes`) is off by one
+    feature cell per level, because torchvision pools with ``RoIAlign(aligned=False)``.
+    """
     heads = model.roi_heads
     x = heads.box_roi_pool(features, list(rois), list(image_sizes))
+    if mirror:
+        x = x.flip(-1)
     class_logits, _ = heads.box_predictor(heads.box_head(x))
     return class_logits
 
@@ -317,7 +363,9 @@ def overlay_instances(image: np.ndarray, masks: np.ndarray, labels: np.ndarray) 
     from skimage.segmentation import find_boundaries
 
     rgb = np.repeat((np.clip(image, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
-    palette = np.array([[0, 200, 0], [0, 120, 255], [255, 200, 0], [200, 0, 255], [0, 220, 220], [255, 120, 0]], np.uint8)
+    palette = np.array(
+        [[0, 200, 0], [0, 120, 255], [255, 200, 0], [200, 0, 255], [0, 220, 220], [255, 120, 0]], np.uint8
+    )
     order = np.argsort(labels == 2, kind="stable")  # nuclei last, on top
     for n, i in enumerate(order):
         edge = find_boundaries(masks[i], mode="inner")
@@ -356,7 +404,9 @@ class InstancePredictionWriter(VolumePredictionWriter):
         for sample in samples:
             self._refuse_existing(sample.image_id)
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:  # type: ignore[no-untyped-def]
+    def write_on_batch_end(  # type: ignore[no-untyped-def]
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
         from skimage import io
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -367,7 +417,8 @@ class InstancePredictionWriter(VolumePredictionWriter):
                 npz_path, masks=item["masks"], labels=item["labels"], scores=item["scores"],
                 boxes=item["boxes"], image_id=np.array(item["image_id"]),
             )
-            io.imsave(str(png_path), overlay_instances(item["image"], item["masks"], item["labels"]), check_contrast=False)
+            overlay = overlay_instances(item["image"], item["masks"], item["labels"])
+            io.imsave(str(png_path), overlay, check_contrast=False)
             rank_zero_info(f"wrote {npz_path} and {png_path.name} ({len(item['labels'])} instances)")
 
 
@@ -475,7 +526,9 @@ class InstanceSegmentationMethod(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(self.trainable_parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+            optimizer = torch.optim.SGD(
+                self.trainable_parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+            )
         else:
             optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -615,9 +668,11 @@ class TeacherTargets:
 
     Attributes:
         image_sizes: per image ``(h, w)`` in the input frame; ``padded_size``: the batch tensor's.
-        pseudo_labels: per image kept detections (``boxes``, ``labels``, ``scores``, ``masks``).
+        pseudo_labels: per image kept detections (``boxes``, ``labels``, ``scores``; ``masks``
+            when the method :attr:`~InstanceTeacherStudentMethod.needs_foreground`).
         rois, roi_labels: per image shared RoIs and their labels against the pseudo-labels.
-        foreground: bool ``(B, H_p, W_p)`` union of the pseudo-label masks.
+        foreground: bool ``(B, H_p, W_p)`` union of the pseudo-label masks (all False when the
+            method does not need it).
     """
 
     image_sizes: list[tuple[int, int]]
@@ -736,14 +791,20 @@ class InstanceTeacherStudentMethod(InstanceSegmentationMethod):
             out.append(x[0])
         return out
 
+    @property
+    def needs_foreground(self) -> bool:
+        """Whether the method uses the teacher's foreground (then pseudo-label masks are predicted)."""
+        return False
+
     @torch.no_grad()
     def teacher_targets(self, images: Sequence[Tensor]) -> TeacherTargets:
         """Pseudo-labels, shared RoIs and the foreground from the teacher on the clean view."""
         teacher = self.ema_teacher
         image_list, _ = preprocess(teacher, images)
         features = teacher.backbone(image_list.tensors)
-        detections, proposals = detect_in_input_frame(teacher, image_list, features)
-        kept = [{k: v[d["scores"] >= self.pseudo_label_score] for k, v in d.items()} for d in detections]
+        kept, proposals = detect_in_input_frame(
+            teacher, image_list, features, min_score=self.pseudo_label_score, with_masks=self.needs_foreground
+        )
         rois, roi_labels = sample_shared_rois(
             teacher.roi_heads, proposals, [d["boxes"] for d in kept], [d["labels"] for d in kept]
         )
@@ -753,7 +814,10 @@ class InstanceTeacherStudentMethod(InstanceSegmentationMethod):
             pseudo_labels=kept,
             rois=rois,
             roi_labels=roi_labels,
-            foreground=paste_foreground(kept, image_list),
+            foreground=(
+                paste_foreground(kept, image_list) if self.needs_foreground
+                else torch.zeros_like(image_list.tensors[:, 0], dtype=torch.bool)
+            ),
         )
 
     def view(self, model: nn.Module, images: Sequence[Tensor], targets: TeacherTargets) -> Any:
@@ -778,6 +842,8 @@ class InstanceTeacherStudentMethod(InstanceSegmentationMethod):
             loss = supervised + weight * term
             logs.update(extra)
             logs["train/unlabeled"] = term.detach()
-        logs.update({"train/loss": loss.detach(), "train/supervised": supervised.detach(), "train/unlabeled_weight": weight})
+        logs.update(
+            {"train/loss": loss.detach(), "train/supervised": supervised.detach(), "train/unlabeled_weight": weight}
+        )
         self.log_train(logs, batch_size=len(labeled))
         return loss

@@ -14,12 +14,7 @@ from torch import Tensor, nn
 
 from kdseg.losses.mgd import foreground_masks_per_level, mask_guided_feature_distillation
 from kdseg.losses.psm import perturbation_sensitivity, psm_distillation_loss, select_sensitive_negatives
-from kdseg.methods.instance_base import (
-    NUM_FPN_LEVELS,
-    InstanceTeacherStudentMethod,
-    hflip_boxes,
-    roi_class_logits,
-)
+from kdseg.methods.instance_base import NUM_FPN_LEVELS, InstanceTeacherStudentMethod, roi_class_logits
 
 
 def make_adaptors(in_channels: int, out_channels: int, num_levels: int = NUM_FPN_LEVELS) -> nn.ModuleList:
@@ -56,8 +51,14 @@ class MMTPSM(InstanceTeacherStudentMethod):
     2. **K-times augmented self-ensemble.** The teacher sees ``num_views`` = K views, each with
        its own photometric jitter and random erasing; odd views are also horizontally flipped
        (K = 4: two perturbations, each plain and flipped, as the public code's ``AUG_K = 2``).
-       Flipped views get the RoIs mirrored in the padded input frame and their features flipped
-       back. The student sees one further perturbed, unflipped view.
+       A flipped view's FPN features are flipped back to the clean frame; its RoI features are
+       pooled there at the shared RoIs and mirrored before the box head, which is exactly the
+       mirrored RoI in the flipped image (mirroring the boxes instead would be off by one feature
+       cell, torchvision's RoIAlign being ``aligned=False``; see
+       :func:`~kdseg.methods.instance_base.roi_class_logits`). The flipped-back features also
+       serve MGD (cell-exact on the pooled levels; the max-pooled 5th level is exact when its
+       input width is odd, otherwise off by one cell). The student sees one further perturbed,
+       unflipped view.
     3. **PSM** (:mod:`kdseg.losses.psm`): ``sensitivity`` of each RoI = sum over classes of the
        std over the K views of the teacher's class probabilities. All positive RoIs are kept and
        the ``negative_ratio`` x #positives most sensitive negatives (``psm: false``: random
@@ -125,23 +126,28 @@ class MMTPSM(InstanceTeacherStudentMethod):
         out_channels = self.hparams.get("adaptor_channels") or max(fpn_channels // 2, 1)
         detector.mgd_adaptors = make_adaptors(fpn_channels, int(out_channels))
 
+    @property
+    def needs_foreground(self) -> bool:
+        return self.mgd_weight > 0 and self.mgd_mask_gate
+
     def unlabeled_loss(self, images: Sequence[Tensor]) -> tuple[Tensor, dict[str, Any]]:
         teacher, student = self.ema_teacher, self.student
         targets = self.teacher_targets(images)
         use_mgd = self.mgd_weight > 0
-        width = targets.padded_size[1]
         teacher_logits, teacher_feats = [], []
         with torch.no_grad():
             for k in range(self.num_views):
                 view = self.view(teacher, images, targets)
                 flipped = k % 2 == 1
-                tensors = view.tensors.flip(-1) if flipped else view.tensors
-                features = teacher.backbone(tensors)
-                rois = [hflip_boxes(r, width) for r in targets.rois] if flipped else targets.rois
-                teacher_logits.append(roi_class_logits(teacher, features, rois, targets.image_sizes))
+                if flipped:  # features of the mirrored image, mirrored back to the clean frame
+                    features = {n: f.flip(-1) for n, f in teacher.backbone(view.tensors.flip(-1)).items()}
+                else:
+                    features = teacher.backbone(view.tensors)
+                teacher_logits.append(
+                    roi_class_logits(teacher, features, targets.rois, targets.image_sizes, mirror=flipped)
+                )
                 if use_mgd:
-                    adapted = adapt(teacher.mgd_adaptors, features)
-                    teacher_feats.append([f.flip(-1) for f in adapted] if flipped else adapted)
+                    teacher_feats.append(adapt(teacher.mgd_adaptors, features))
         student_view = self.view(student, images, targets)
         student_features = student.backbone(student_view.tensors)
         student_logits = roi_class_logits(student, student_features, targets.rois, targets.image_sizes)

@@ -9,40 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdseg.losses.segmentation import ce_dice_loss, sigmoid_rampup
+from kdseg.losses.segmentation import ce_dice_loss
+from kdseg.losses.uncertainty import masked_softmax_mse, noisy_teacher_passes, uncertainty_threshold
 from kdseg.methods.mean_teacher import MeanTeacher
 
-__all__ = ["UncertaintyAwareMeanTeacher", "masked_softmax_mse", "predictive_entropy"]
-
-
-def predictive_entropy(mc_probs: Tensor, eps: float = 1e-6) -> Tensor:
-    """Entropy of the mean of Monte-Carlo predictions.
-
-    Args:
-        mc_probs: ``(T, B, C, H, W)`` softmax probabilities of ``T`` stochastic passes.
-        eps: inside the log, as in SSL4MIS (``log(p + 1e-6)``).
-
-    Returns:
-        ``(B, 1, H, W)``: ``-sum_c mean_t(p) * log(mean_t(p) + eps)``; 0 for a certain pixel,
-        ``ln(C)`` for a uniform one.
-    """
-    mean = mc_probs.mean(dim=0)
-    return -(mean * torch.log(mean + eps)).sum(dim=1, keepdim=True)
-
-
-def masked_softmax_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
-    """SSL4MIS's UA-MT consistency: ``sum(mask * (softmax(s) - softmax(t))^2) / (2 sum(mask) + 1e-16)``.
-
-    Args:
-        student_logits, teacher_logits: ``(B, C, H, W)``; the teacher side is detached.
-        mask: ``(B, 1, H, W)`` float, 1 where the teacher is certain enough.
-
-    The squared difference is summed over classes and divided by twice the number of kept pixels
-    (the factor 2 comes from SSL4MIS, whose 3D binary original had 2 channels); a fully masked
-    batch gives 0.
-    """
-    dist = (torch.softmax(student_logits, dim=1) - torch.softmax(teacher_logits.detach(), dim=1)) ** 2
-    return (mask * dist).sum() / (2 * mask.sum() + 1e-16)
+__all__ = ["UncertaintyAwareMeanTeacher"]
 
 
 class UncertaintyAwareMeanTeacher(MeanTeacher):
@@ -69,7 +40,7 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
       same for any class count. SSL4MIS's 2D script uses ``ln 2`` (kept from the binary 3D
       original); set ``max_entropy: 0.6931`` to reproduce it.
     - The threshold ramp runs over ``uncertainty_rampup_steps`` (SSL4MIS: ``max_iterations``).
-    - The consistency is normalised as in SSL4MIS (:func:`masked_softmax_mse`).
+    - The consistency is normalised as in SSL4MIS (:func:`~kdseg.losses.uncertainty.masked_softmax_mse`).
 
     Args:
         mc_samples: T, the teacher's noisy passes for the uncertainty.
@@ -93,25 +64,14 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
         self.max_entropy = math.log(self.num_classes) if max_entropy is None else max_entropy
 
     def uncertainty_threshold_at(self, step: int) -> float:
-        return (0.75 + 0.25 * sigmoid_rampup(step, self.uncertainty_rampup_steps)) * self.max_entropy
+        return uncertainty_threshold(step, self.uncertainty_rampup_steps, self.max_entropy)
 
-    def _noise(self, x: Tensor) -> Tensor:
-        return (torch.randn_like(x) * self.noise_std).clamp(-self.noise_clip, self.noise_clip)
-
-    @torch.no_grad()
     def teacher_with_uncertainty(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        """One batched teacher pass over ``T + 1`` noisy copies of ``image`` ``(B, 1, H, W)``.
-
-        Returns:
-            ``(teacher_logits, uncertainty)``: the first copy's logits ``(B, C, H, W)`` (the
-            consistency target) and the predictive entropy of the other ``T`` ``(B, 1, H, W)``.
-        """
-        b = image.shape[0]
-        copies = image.repeat(self.mc_samples + 1, 1, 1, 1)
-        logits = self.teacher_forward(copies + self._noise(copies)).logits
-        mc_probs = torch.softmax(logits[b:].float(), dim=1)
-        mc_probs = mc_probs.reshape(self.mc_samples, b, *mc_probs.shape[1:])
-        return logits[:b], predictive_entropy(mc_probs)
+        """``(teacher_logits, uncertainty)`` of ``image`` ``(B, 1, H, W)``: see
+        :func:`~kdseg.losses.uncertainty.noisy_teacher_passes`."""
+        return noisy_teacher_passes(
+            lambda x: self.teacher_forward(x).logits, image, self.mc_samples, self.noise_std, self.noise_clip
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         labeled, unlabeled = batch["labeled"], batch["unlabeled"]
