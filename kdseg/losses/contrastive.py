@@ -17,7 +17,10 @@ __all__ = ["class_prototypes", "prototype_infonce_loss", "sample_pixels_per_clas
 def _flatten(
     features: Tensor, class_map: Tensor, num_classes: int, ignore_index: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Validate and flatten to normalised embeddings (N, D), labels (N,), assigned mask (N,)."""
+    """Validate; return the normalised embeddings (N, D) and labels (N,) of the assigned pixels
+    only, plus an all-True mask (N,). Only assigned pixels are gathered and normalised: with
+    scribbles and confident pseudo-labels they are a small fraction of a batch, and normalising
+    every pixel of a (B, D, H, W) map dominated the cost of the loss."""
     if features.dim() < 3:
         raise ValueError(f"features must be (B, D, *spatial), got {tuple(features.shape)}")
     expected = features.shape[:1] + features.shape[2:]
@@ -30,7 +33,6 @@ def _flatten(
         raise TypeError(f"class_map must be an integer tensor, got dtype {class_map.dtype}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    z = F.normalize(features, dim=1).movedim(1, -1).reshape(-1, features.shape[1])
     labels = class_map.reshape(-1).long()
     assigned = labels != ignore_index
     bad = assigned & ((labels < 0) | (labels >= num_classes))
@@ -39,7 +41,12 @@ def _flatten(
             f"class_map values must be in [0, {num_classes}) or ignore_index={ignore_index}, "
             f"found {sorted(set(labels[bad].tolist()))[:5]}"
         )
-    return z, labels, assigned
+    index = torch.nonzero(assigned, as_tuple=False).squeeze(1)
+    pixels_per_image = class_map[0].numel()
+    rows = features.flatten(2).transpose(1, 2)  # (B, P, D) view, no copy
+    z = F.normalize(rows[index // pixels_per_image, index % pixels_per_image], dim=1)
+    labels = labels[index]
+    return z, labels, torch.ones_like(labels, dtype=torch.bool)
 
 
 def _prototypes_from_flat(
