@@ -422,6 +422,15 @@ class InstancePredictionWriter(VolumePredictionWriter):
             rank_zero_info(f"wrote {npz_path} and {png_path.name} ({len(item['labels'])} instances)")
 
 
+def _pack(masks: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    return np.packbits(masks, axis=-1), masks.shape
+
+
+def _unpack(packed: tuple[np.ndarray, tuple[int, ...]]) -> np.ndarray:
+    bits, shape = packed
+    return np.unpackbits(bits, axis=-1, count=shape[-1]).astype(bool).reshape(shape)
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
@@ -560,12 +569,13 @@ class InstanceSegmentationMethod(pl.LightningModule):
     def _evaluate_batch(self, batch: Sequence[tuple[Tensor, dict[str, Tensor], str]]) -> None:
         outputs = self([item[0] for item in batch])
         for out, (_, target, image_id) in zip(outputs, batch):
+            # Masks are kept bit-packed until the epoch ends (8x less memory for large test sets).
             pred = {
-                "masks": (out["masks"][:, 0] >= 0.5).cpu().numpy(),
+                "masks": _pack((out["masks"][:, 0] >= 0.5).cpu().numpy()),
                 "scores": out["scores"].float().cpu().numpy(),
                 "labels": out["labels"].cpu().numpy(),
             }
-            gt = {"masks": target["masks"].bool().cpu().numpy(), "labels": target["labels"].cpu().numpy()}
+            gt = {"masks": _pack(target["masks"].bool().cpu().numpy()), "labels": target["labels"].cpu().numpy()}
             self._eval_records.append((str(image_id), pred, gt))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -599,7 +609,8 @@ class InstanceSegmentationMethod(pl.LightningModule):
             max_detections=max(100, self.detector_config.box_detections_per_img),
         )
         for image_id, pred, gt in self._gathered_records():
-            accumulator.update(pred, gt, image_id)
+            pred = {**pred, "masks": _unpack(pred["masks"])}
+            accumulator.update(pred, {**gt, "masks": _unpack(gt["masks"])}, image_id)
         return accumulator
 
     def on_validation_epoch_end(self) -> None:

@@ -75,8 +75,9 @@ class MMTPSM(InstanceTeacherStudentMethod):
 
     Defaults are the public code's training script: lambda = 5 (``consistency_weight``),
     ``psm_weight`` 0.2, ``mgd_weight`` 1, temperature 0.5, negative weight 1.5, ramp-up 250
-    steps after a 1000-step warm-up, EMA 0.99, adaptors to 128 channels. Not reproduced: the
-    relation-NMS module of the public code (torchvision's NMS is used) and its final ramp-down.
+    steps after a 1000-step warm-up, EMA 0.99, adaptors to half the FPN width (256 -> 128).
+    Not reproduced: the relation-NMS module of the public code (torchvision's NMS is used), its
+    final ramp-down of the unlabeled weight and its dropout in the box head.
 
     Args:
         num_views: K teacher views (1 = the single-view ablation; sensitivities are then all 0
@@ -102,7 +103,7 @@ class MMTPSM(InstanceTeacherStudentMethod):
         psm_weight: float = 0.2,
         mgd_weight: float = 1.0,
         mgd_mask_gate: bool = True,
-        adaptor_channels: int | None = 128,
+        adaptor_channels: int | None = None,
         consistency_weight: float = 5.0,
         **kwargs: Any,
     ) -> None:
