@@ -1,18 +1,58 @@
 """``make bench``: training-step time and peak memory of each method on the same batch, relative
-to ``supervised``, and inference throughput; CPU always, CUDA too when present.
+to the supervised method of its family and to its own baseline, and inference throughput; CPU
+always, CUDA too when present.
+
+Two families, each timed on its own phantom and printed as its own table (ratios never cross
+families; the JSON keeps every run):
+
+- ``semantic``: the 2D U-Net methods on the cardiac phantom (``experiments/phantom``); reference
+  ``supervised``; sizes ``--image-size`` / ``--batch-size``; inference in slices/s through
+  :func:`~kdseg.networks.inference.predict_volume`.
+- ``instance``: the Mask R-CNN methods on the cytology phantom (``experiments/cytology_phantom``);
+  reference ``instance_supervised``; sizes ``--instance-image-size`` (the phantom is generated at
+  that size, and the detector's ``min_size`` / ``max_size`` are set to it so it does not rescale)
+  and ``--instance-batch-size`` (labeled and unlabeled images per step); inference in images/s
+  through the evaluated network (``inference_network()``) in eval mode, on the data module's
+  held-out phantom images. The detections per image are recorded too: after a few steps from
+  scratch the detector's post-processing load (mask head on up to 100 detections per image) is
+  not that of a trained one.
+
+Same batch: every method is built through the real CLI (``main([...], run=False)``) from its
+phantom config, and the first batch of each training stream (labeled, unlabeled) is drawn with the
+global seed reset to 0 just before that stream's loader is iterated. A stream's batch therefore
+depends only on its data settings, not on how many random numbers the model's construction drew
+nor on whether the other stream exists: ``mean_teacher``, ``ua_mt`` and ``action_stage3`` see the
+same labeled + unlabeled images, and ``supervised`` the same labeled ones (likewise
+``instance_supervised`` / ``instance_mean_teacher`` / ``mmt_psm``). Each run records a digest of
+its batch's images; ``same_batch_as_baseline`` in the JSON compares them with the baseline's
+(images only: the targets may legitimately differ, e.g. scribbles for ``pce``).
+
+Warm-up of the instance teacher-student methods: their unlabeled losses start after
+``warmup_steps`` optimizer steps. Outside a trainer ``global_step`` is 0, so the bench sets
+``warmup_steps = 0`` on the model after it is built; the unlabeled weight is then the ramp-up's
+first value ``consistency_weight * exp(-5) > 0`` (checked), so every step runs the full method
+(teacher detection, the K teacher views, PSM, MGD) -- the weight only scales the loss.
 
 Each method runs in its own subprocess so that the peak resident memory (CPU) of one method is
 not inflated by another; on CUDA the peak is ``torch.cuda.max_memory_allocated``. The extra peak
 is measured from the moment model and batch exist, so it is the cost of the training step itself
-(activations, gradients, optimizer state, teacher passes).
+(activations, gradients, optimizer state, teacher passes). The step is ``training_step`` +
+backward + SGD step (+ the EMA update of the teacher for teacher-student methods).
+
+CUDA variants: fp32, bf16 autocast and (semantic family only) bf16 + channels-last. Channels-last
+does not apply to the detectors: torchvision's Mask R-CNN re-batches its list of images into a
+new contiguous NCHW tensor in its own transform, so only the weights could be converted and the
+run would measure a mixed-format network; it is skipped for the instance family.
 
 Results go to ``experiments/results/bench/<device>-<timestamp>.json`` (never overwritten) and are
-printed as a table.
+printed as tables, followed by ACTION stage 3's cost over ``mean_teacher`` on the same batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -32,12 +72,40 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS: dict[str, tuple[str, str]] = {
     "supervised": ("experiments/phantom/supervised.yaml", "supervised"),
     "mean_teacher": ("experiments/phantom/mean_teacher.yaml", "supervised"),
+    "ua_mt": ("experiments/phantom/ua_mt.yaml", "mean_teacher"),
+    "action_stage3": ("experiments/phantom/action_stage3.yaml", "mean_teacher"),
+    "action_no_anco": ("experiments/phantom/action_no_anco.yaml", "mean_teacher"),
     "pce": ("experiments/phantom/pce.yaml", "supervised"),
     "scribsd_plus": ("experiments/phantom/scribsd_plus.yaml", "pce"),
     "scribsd": ("experiments/phantom/scribsd.yaml", "pce"),
     "dmpls": ("experiments/phantom/dmpls.yaml", "pce"),
     "ustm": ("experiments/phantom/ustm.yaml", "pce"),
+    "instance_supervised": ("experiments/cytology_phantom/supervised.yaml", "instance_supervised"),
+    "instance_mean_teacher": ("experiments/cytology_phantom/mean_teacher.yaml", "instance_supervised"),
+    "mmt_psm": ("experiments/cytology_phantom/mmt_psm.yaml", "instance_supervised"),
 }
+
+#: family -> the method every run of the family is compared with ("x sup" in the table).
+FAMILY_REFERENCE: dict[str, str] = {"semantic": "supervised", "instance": "instance_supervised"}
+
+#: batches of images pushed through the detector for the instance inference throughput (after
+#: one untimed batch).
+INSTANCE_INFERENCE_BATCHES = 2
+
+
+@functools.lru_cache(maxsize=None)
+def config_family(config: str) -> str:
+    """``instance`` for a config whose data module is the cervical-cell one, else ``semantic``."""
+    import yaml
+
+    content = yaml.safe_load((REPO / config).read_text()) or {}
+    data = content.get("data") or {}
+    class_path = data.get("class_path", "") if isinstance(data, dict) else ""
+    return "instance" if class_path.endswith("CervicalCellDataModule") else "semantic"
+
+
+def method_family(name: str) -> str:
+    return config_family(METHODS[name][0])
 
 
 def _rss_mib() -> float:
@@ -50,27 +118,84 @@ def _current_rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _digest(tensors: list[torch.Tensor]) -> str | None:
+    """A short hash of the shapes and values of ``tensors`` (None for no tensor)."""
+    if not tensors:
+        return None
+    h = hashlib.sha1()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:12]
+
+
+def _first_batch(data: Any) -> dict[str, Any]:
+    """The first batch of each training stream, the global seed reset to 0 before each stream is
+    iterated (see the module docstring), combined as the training loop's ``CombinedLoader`` does."""
+    loaders = data.train_dataloader()
+    iterables = getattr(loaders, "iterables", loaders)
+    batch = {}
+    for key, loader in iterables.items():
+        torch.manual_seed(0)
+        batch[key] = next(iter(loader))
+    return batch
+
+
+def _batch_images(batch: dict[str, Any], family: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The labeled and unlabeled images of a training batch, as lists of tensors."""
+    if family == "instance":
+        return [item[0] for item in batch["labeled"]], list(batch.get("unlabeled") or [])
+    unlabeled = [batch["unlabeled"]["image"]] if "unlabeled" in batch else []
+    return [batch["labeled"]["image"]], unlabeled
+
+
 def bench_one(
     config: str, device: str, image_size: int, batch_size: int, steps: int, warmup: int,
-    precision: str, channels_last: bool,
+    precision: str, channels_last: bool, instance_image_size: int = 256, instance_batch_size: int = 2,
 ) -> dict[str, Any]:
-    """Times ``steps`` optimizer steps of one method on one fixed batch."""
+    """Times ``steps`` optimizer steps of one method on one fixed batch (after ``warmup`` steps)."""
     from kdseg.callbacks.ema import ema_update_
     from kdseg.cli import main
+    from kdseg.methods.instance_base import InstanceSegmentationMethod, InstanceTeacherStudentMethod, to_rgb
     from kdseg.networks.inference import predict_volume
 
+    family = config_family(config)
+    if family == "instance" and channels_last:
+        raise ValueError("channels-last does not apply to the Mask R-CNN methods (see kdseg.bench's docstring)")
     torch.manual_seed(0)
-    cli = main(
-        [f"--config={REPO / config}", f"--data.init_args.image_size={image_size}",
-         f"--data.init_args.batch_size={batch_size}", "--trainer.logger=false"],
-        run=False,
-    )
+    if family == "instance":
+        size, batch_size = instance_image_size, instance_batch_size
+        overrides = [
+            f"--data.init_args.phantom_size={size}", f"--data.init_args.batch_size={batch_size}",
+            f"--model.init_args.detector.min_size={size}", f"--model.init_args.detector.max_size={size}",
+        ]
+    else:
+        size = image_size
+        overrides = [f"--data.init_args.image_size={size}", f"--data.init_args.batch_size={batch_size}"]
+    cli = main([f"--config={REPO / config}", *overrides, "--trainer.logger=false"], run=False)
     model, data = cli.model, cli.datamodule
+    if (family == "instance") != isinstance(model, InstanceSegmentationMethod):
+        raise TypeError(f"{config}: {type(model).__name__} with {type(data).__name__} is not a {family} method")
+    logged: dict[str, Any] = {}
+    if family == "instance":
+        # Keep the last step's logged values (pseudo-labels, RoIs, weights): outside a trainer
+        # self.log() records nothing. Converted to floats after the timing.
+        def log_train(values: dict[str, Any], batch_size: int) -> None:
+            logged.clear()
+            logged.update(values)
+
+        model.log_train = log_train
+    if isinstance(model, InstanceTeacherStudentMethod):
+        model.warmup_steps = 0  # time the full method from the first step (see the module docstring)
+        if not model.unlabeled_weight(model.global_step) > 0:
+            raise RuntimeError(f"{config}: the unlabeled losses would be skipped at step {model.global_step}")
     if getattr(data, "unlabeled_batch_size", 0) > 0:
         data.unlabeled_batch_size = batch_size
     data.augment = False
     data.setup("fit")
-    batch = next(iter(data.train_dataloader()))[0]
+    batch = _first_batch(data)
+    labeled_images, unlabeled_images = _batch_images(batch, family)
     model = model.to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -81,6 +206,8 @@ def bench_one(
             return x.contiguous(memory_format=memory_format) if x.ndim == 4 else x
         if isinstance(x, dict):
             return {k: to_device(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(to_device(v) for v in x)
         return x
 
     batch = to_device(batch)
@@ -120,24 +247,46 @@ def bench_one(
     else:
         extra_peak = _rss_mib() - base
 
-    # Inference throughput: slices per second through the evaluated network.
     model.eval()
-    volume = torch.rand(32, image_size, image_size, device=device)
-    with torch.no_grad(), autocast:
-        predict_volume(model.inference_network(), volume, image_size, batch_size)
-        sync()
-        start = time.perf_counter()
-        predict_volume(model.inference_network(), volume, image_size, batch_size)
-        sync()
-    slices_per_s = volume.shape[0] / (time.perf_counter() - start)
-    labeled = batch["labeled"]["image"].shape[0]
-    unlabeled = batch["unlabeled"]["image"].shape[0] if "unlabeled" in batch else 0
-    return {
-        "config": config, "device": device, "precision": precision, "channels_last": channels_last,
-        "image_size": image_size, "labeled_batch": labeled, "unlabeled_batch": unlabeled,
-        "step_s": step_s, "extra_peak_mib": extra_peak, "inference_slices_per_s": slices_per_s,
+    result: dict[str, Any] = {
+        "config": config, "family": family, "device": device, "precision": precision,
+        "channels_last": channels_last, "image_size": size,
+        "labeled_batch": sum(int(t.shape[0]) for t in labeled_images) if family == "semantic" else len(labeled_images),
+        "unlabeled_batch": (sum(int(t.shape[0]) for t in unlabeled_images) if family == "semantic"
+                            else len(unlabeled_images)),
+        "labeled_digest": _digest(labeled_images), "unlabeled_digest": _digest(unlabeled_images),
+        "step_s": step_s, "extra_peak_mib": extra_peak,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    if family == "instance":
+        result["last_step_logs"] = {k: float(v) for k, v in logged.items()}
+        if isinstance(model, InstanceTeacherStudentMethod) and "train/unlabeled" not in logged:
+            raise RuntimeError(f"{config}: the unlabeled loss did not run in the timed steps")
+        # Inference throughput: images per second through the evaluated detector in eval mode.
+        pool = [s.image for s in data.val_samples + data.test_samples + data.labeled_samples]
+        images = [torch.from_numpy(pool[i % len(pool)])[None].float().to(device)
+                  for i in range(INSTANCE_INFERENCE_BATCHES * batch_size)]
+        chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+        network = model.inference_network()
+        with torch.no_grad(), autocast:
+            network(to_rgb(chunks[0]))
+            sync()
+            start = time.perf_counter()
+            detections = [d for chunk in chunks for d in network(to_rgb(chunk))]
+            sync()
+        result["inference_images_per_s"] = len(images) / (time.perf_counter() - start)
+        result["inference_detections_per_image"] = sum(int(d["boxes"].shape[0]) for d in detections) / len(images)
+    else:
+        # Inference throughput: slices per second through the evaluated network.
+        volume = torch.rand(32, size, size, device=device)
+        with torch.no_grad(), autocast:
+            predict_volume(model.inference_network(), volume, size, batch_size)
+            sync()
+            start = time.perf_counter()
+            predict_volume(model.inference_network(), volume, size, batch_size)
+            sync()
+        result["inference_slices_per_s"] = volume.shape[0] / (time.perf_counter() - start)
+    return result
 
 
 def machine() -> dict[str, Any]:
@@ -151,31 +300,45 @@ def machine() -> dict[str, Any]:
         )
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
+def variants_for(device: str, family: str) -> list[tuple[str, bool]]:
+    """``(precision, channels_last)`` runs of a family on a device (see the module docstring)."""
+    if device != "cuda":
+        return [("32-true", False)]
+    return [("32-true", False), ("bf16-mixed", False)] + ([("bf16-mixed", True)] if family == "semantic" else [])
+
+
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    variants = [("32-true", False)]
     results = []
     for device in devices:
-        device_variants = variants + ([("bf16-mixed", False), ("bf16-mixed", True)] if device == "cuda" else [])
-        for precision, channels_last in device_variants:
-            for name in args.methods:
-                command = [
-                    sys.executable, "-m", "kdseg.bench", "--one", METHODS[name][0], "--device", device,
-                    "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", precision,
-                ] + (["--channels-last"] if channels_last else [])
-                print(f"bench: {name} on {device} ({precision}{', channels-last' if channels_last else ''}) ...", flush=True)
-                out = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-                if out.returncode != 0:
-                    raise RuntimeError(f"benchmark of {name} failed:\n{out.stderr[-3000:]}")
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                result["method"] = name
-                results.append(result)
+        runs = []
+        for precision, channels_last in dict.fromkeys(v for f in FAMILY_REFERENCE for v in variants_for(device, f)):
+            runs += [(precision, channels_last, name) for name in args.methods
+                     if (precision, channels_last) in variants_for(device, method_family(name))]
+        for precision, channels_last, name in runs:
+            command = [
+                sys.executable, "-m", "kdseg.bench", "--one", METHODS[name][0], "--device", device,
+                "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+                "--instance-image-size", str(args.instance_image_size),
+                "--instance-batch-size", str(args.instance_batch_size),
+                "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", precision,
+            ] + (["--channels-last"] if channels_last else [])
+            print(f"bench: {name} on {device} ({precision}{', channels-last' if channels_last else ''}) ...", flush=True)
+            out = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+            if out.returncode != 0:
+                raise RuntimeError(f"benchmark of {name} failed:\n{out.stderr[-3000:]}")
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            result["method"] = name
+            results.append(result)
     return results
 
 
@@ -183,44 +346,101 @@ def _ratio(a: float, b: float | None) -> float:
     return a / b if b else float("nan")
 
 
+def _same_batch(r: dict[str, Any], base: dict[str, Any] | None) -> bool | None:
+    """Whether ``r`` saw its baseline's images (labeled; unlabeled where both have them)."""
+    if base is None:
+        return None
+    same = r.get("labeled_digest") == base.get("labeled_digest")
+    if r.get("unlabeled_digest") and base.get("unlabeled_digest"):
+        same = same and r["unlabeled_digest"] == base["unlabeled_digest"]
+    return same
+
+
+def _variant(r: dict[str, Any]) -> str:
+    return r["precision"] + ("+cl" if r["channels_last"] else "")
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    """One line per run: absolute numbers, ratios to ``supervised`` and to the method's own
-    baseline (``pce`` for the scribble methods, ...), on the same device and precision."""
-    lines = [
-        f"{'method':<14} {'device':<6} {'precision':<11} {'batch l+u':>9} {'step s':>7} {'x sup':>6} "
-        f"{'peak MiB':>9} {'x sup':>6} {'baseline':>12} {'step x':>7} {'peak x':>7} {'infer sl/s':>10}"
-    ]
+    """One table per family, one line per run: absolute numbers, ratios to the family's
+    supervised method (``x sup``) and to the method's own baseline (``pce`` for the scribble
+    methods, ``mean_teacher`` for UA-MT and ACTION, ...), on the same device and precision. Then
+    ACTION stage 3's cost over ``mean_teacher`` (and, when run, over ``action_no_anco``: L_anco
+    alone). Adds the ratios and ``same_batch_as_baseline`` to ``results``."""
 
     def find(method: str, like: dict[str, Any]) -> dict[str, Any] | None:
         return next((x for x in results if x["method"] == method and x["device"] == like["device"]
                      and x["precision"] == like["precision"] and x["channels_last"] == like["channels_last"]), None)
 
-    for r in results:
-        sup = find("supervised", r)
-        base_name = METHODS.get(r["method"], ("", "supervised"))[1]
-        base = find(base_name, r)
-        r["step_ratio_vs_supervised"] = _ratio(r["step_s"], sup and sup["step_s"])
-        r["peak_ratio_vs_supervised"] = _ratio(r["extra_peak_mib"], sup and sup["extra_peak_mib"])
-        r["baseline"] = base_name
-        r["step_ratio_vs_baseline"] = _ratio(r["step_s"], base and base["step_s"])
-        r["peak_ratio_vs_baseline"] = _ratio(r["extra_peak_mib"], base and base["extra_peak_mib"])
-        precision = r["precision"] + ("+cl" if r["channels_last"] else "")
+    lines: list[str] = []
+    families = list(dict.fromkeys([*FAMILY_REFERENCE, *(r.get("family", "semantic") for r in results)]))
+    for family in families:
+        rows = [r for r in results if r.get("family", "semantic") == family]
+        if not rows:
+            continue
+        reference = FAMILY_REFERENCE.get(family, "supervised")
+        unit = "img/s" if family == "instance" else "sl/s"
+        if lines:
+            lines.append("")
+        lines.append(f"{family} (x sup: vs {reference}; size {rows[0]['image_size']})")
         lines.append(
-            f"{r['method']:<14} {r['device']:<6} {precision:<11} {str(r['labeled_batch']) + '+' + str(r['unlabeled_batch']):>9} "
-            f"{r['step_s']:>7.3f} {r['step_ratio_vs_supervised']:>6.2f} {r['extra_peak_mib']:>9.1f} "
-            f"{r['peak_ratio_vs_supervised']:>6.2f} {base_name:>12} {r['step_ratio_vs_baseline']:>7.2f} "
-            f"{r['peak_ratio_vs_baseline']:>7.2f} {r['inference_slices_per_s']:>10.1f}"
+            f"{'method':<21} {'device':<6} {'precision':<11} {'batch l+u':>9} {'step s':>7} {'x sup':>6} "
+            f"{'peak MiB':>9} {'x sup':>6} {'baseline':>19} {'step x':>7} {'peak x':>7} {'infer ' + unit:>11}"
         )
+        for r in rows:
+            sup = find(reference, r)
+            base_name = METHODS.get(r["method"], ("", reference))[1]
+            base = find(base_name, r)
+            r["reference"] = reference
+            r["step_ratio_vs_supervised"] = _ratio(r["step_s"], sup and sup["step_s"])
+            r["peak_ratio_vs_supervised"] = _ratio(r["extra_peak_mib"], sup and sup["extra_peak_mib"])
+            r["baseline"] = base_name
+            r["step_ratio_vs_baseline"] = _ratio(r["step_s"], base and base["step_s"])
+            r["peak_ratio_vs_baseline"] = _ratio(r["extra_peak_mib"], base and base["extra_peak_mib"])
+            r["same_batch_as_baseline"] = _same_batch(r, base)
+            throughput = r.get("inference_images_per_s" if family == "instance" else "inference_slices_per_s",
+                               float("nan"))
+            mark = " (other batch!)" if r["same_batch_as_baseline"] is False else ""
+            lines.append(
+                f"{r['method']:<21} {r['device']:<6} {_variant(r):<11} "
+                f"{str(r['labeled_batch']) + '+' + str(r['unlabeled_batch']):>9} "
+                f"{r['step_s']:>7.3f} {r['step_ratio_vs_supervised']:>6.2f} {r['extra_peak_mib']:>9.1f} "
+                f"{r['peak_ratio_vs_supervised']:>6.2f} {base_name:>19} {r['step_ratio_vs_baseline']:>7.2f} "
+                f"{r['peak_ratio_vs_baseline']:>7.2f} {throughput:>11.1f}{mark}"
+            )
+
+    summary = []
+    for r in results:
+        if r["method"] != "action_stage3":
+            continue
+        for other, what in (("mean_teacher", "ACTION stage 3 (L_sup + L_unsup + L_anco) vs mean_teacher"),
+                            ("action_no_anco", "L_anco alone (action_stage3 vs action_no_anco)")):
+            o = find(other, r)
+            if o is None:
+                continue
+            same = "same batch" if _same_batch(r, o) else "OTHER batch"
+            summary.append(
+                f"{what}, {same} {r['labeled_batch']}+{r['unlabeled_batch']} ({r['device']}, {_variant(r)}): "
+                f"step {r['step_s']:.3f} vs {o['step_s']:.3f} s (x{_ratio(r['step_s'], o['step_s']):.2f}); "
+                f"extra peak {r['extra_peak_mib']:.1f} vs {o['extra_peak_mib']:.1f} MiB "
+                f"({r['extra_peak_mib'] - o['extra_peak_mib']:+.1f} MiB, "
+                f"x{_ratio(r['extra_peak_mib'], o['extra_peak_mib']):.2f})"
+            )
+    if summary:
+        lines += ["", *summary]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=128, help="semantic family: slice size")
+    parser.add_argument("--batch-size", type=int, default=8, help="semantic family: labeled (and unlabeled) slices")
+    parser.add_argument("--instance-image-size", type=int, default=256,
+                        help="instance family: phantom image size (the detector does not rescale)")
+    parser.add_argument("--instance-batch-size", type=int, default=2,
+                        help="instance family: labeled (and unlabeled) images per step")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     parser.add_argument("--out", type=Path, default=REPO / "experiments/results/bench")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
@@ -229,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.one:
         result = bench_one(args.one, args.device, args.image_size, args.batch_size, args.steps, args.warmup,
-                           args.precision, args.channels_last)
+                           args.precision, args.channels_last, args.instance_image_size, args.instance_batch_size)
         print(json.dumps(result))
         return
     results = run_all(args)

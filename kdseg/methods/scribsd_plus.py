@@ -6,11 +6,13 @@ Total loss (grep ``L_total``)::
 
     L_total = L_pce + w_kd(t) * L_kd + w_cc(t) * L_contrast
 
-- ``L_pce``: partial cross-entropy on the scribbles, at full resolution and on every
-  deep-supervision output (upsampled to full resolution).
+- ``L_pce``: partial cross-entropy on the scribbles at full resolution (plus, optionally,
+  ``ds_pce_weight`` times the mean pCE of the deep-supervision outputs upsampled to full size).
 - ``L_kd`` (multi-scale prediction-level KD): at each decoder scale s the EMA teacher's soft
-  prediction supervises the student's prediction at the same scale,
-  ``sum_s a_s * T^2 * KL(softmax(t_s / T) || softmax(z_s / T)) / sum_s a_s``.
+  prediction supervises the student's deep-supervision prediction ``z_s``,
+  ``sum_s a_s * T^2 * KL(q_s || softmax(z_s / T)) / sum_s a_s``, where ``q_s`` is the teacher's
+  full-resolution tempered prediction ``softmax(t / T)`` average-pooled to scale s
+  (``kd_target: full_resolution``) or the teacher's own head at scale s (``same_scale``).
 - ``L_contrast`` (class-wise contrastive regularization): pixel embeddings of a projection head
   are pulled to their class prototype and pushed from the other classes' prototypes (InfoNCE over
   prototypes); class membership from the scribbles where annotated and from confident teacher
@@ -24,9 +26,14 @@ ablation configs switch the regularizers off one at a time):
   features shared and adds < 1k parameters a scale. ``kd_scales: [1, 2, 4, 8]``.
 - Scale weights ``a_s = 1 / s`` (normalised): coarse predictions are blurrier and should not dominate
   the full-resolution one; ``kd_scale_weights`` overrides.
-- Why the deep-supervision heads also get ``L_pce``: with KD alone, the coarse heads of student and
-  teacher would only ever be distilled from each other (the teacher is the student's EMA) and never
-  anchored to annotations; pCE on their upsampled outputs anchors every scale.
+- KD target ``full_resolution`` (default): the teacher's best prediction (its full-resolution
+  output, anchored by pCE) supervises every student scale, pooled to that scale. The alternative
+  ``same_scale`` distils each teacher head into the same student head; its coarse heads are then
+  only ever distilled from each other (the teacher is the student's EMA), so it needs
+  ``ds_pce_weight > 0`` to anchor them to the scribbles. A first CPU run (kept in the closing
+  note) used ``same_scale`` with pCE averaged equally over the four scales: the full-resolution
+  head got a quarter of the scribble signal and the run fell well below plain pCE; that is why
+  the main pCE is now undiluted and the coarse heads learn from the teacher.
 - KD temperature ``T = 2`` with Hinton's ``T^2`` factor: softer targets carry the teacher's
   class-similarity information; 2 is the common default and ``kd_temperature`` exposes it.
 - KD on all pixels (annotated or not): the unannotated ~90% of pixels are exactly where
@@ -79,6 +86,8 @@ class ScribSDPlus(TeacherStudentMethod):
     Args:
         kd_scales: downsampling factors of the KD / deep-supervision outputs (powers of 2; 1 = full).
         kd_scale_weights: weight of each scale in ``L_kd``; default ``1 / s``.
+        kd_target: ``full_resolution`` or ``same_scale`` (see module docstring).
+        ds_pce_weight: weight of the deep-supervision heads' pCE (0 = main head only).
         kd_temperature: KD temperature T.
         kd_weight: final ``w_kd``; 0 disables KD (ablation "without KD").
         contrast_weight: final ``w_cc``; 0 disables the contrast (ablation "without contrast").
@@ -99,6 +108,8 @@ class ScribSDPlus(TeacherStudentMethod):
         self,
         kd_scales: list[int] = [1, 2, 4, 8],  # noqa: B006 (jsonargparse needs a literal default)
         kd_scale_weights: list[float] | None = None,
+        kd_target: str = "full_resolution",
+        ds_pce_weight: float = 0.0,
         kd_temperature: float = 2.0,
         kd_weight: float = 1.0,
         contrast_weight: float = 0.1,
@@ -123,6 +134,10 @@ class ScribSDPlus(TeacherStudentMethod):
         if len(weights) != len(self.kd_scales):
             raise ValueError("kd_scale_weights needs one weight per kd_scales entry")
         self.kd_scale_weights = [float(w) for w in weights]
+        if kd_target not in ("full_resolution", "same_scale"):
+            raise ValueError(f"kd_target must be 'full_resolution' or 'same_scale', got {kd_target!r}")
+        self.kd_target = kd_target
+        self.ds_pce_weight = ds_pce_weight
         self.kd_temperature = kd_temperature
         self.kd_weight = kd_weight
         self.contrast_weight = contrast_weight
@@ -148,6 +163,17 @@ class ScribSDPlus(TeacherStudentMethod):
             ),
         )
 
+    def kd_targets(self, teacher: NetworkOutput) -> list[Tensor]:
+        """The teacher's prediction at every KD scale, as logits whose tempered softmax is the
+        target: its own heads (``same_scale``) or its full-resolution ``softmax(t / T)``
+        average-pooled to each scale and mapped back by ``T * log`` (``full_resolution``)."""
+        if self.kd_target == "same_scale":
+            return deep_supervision_logits(self.ema_teacher, teacher, self.kd_scales)
+        t = self.kd_temperature
+        probs = torch.softmax(teacher.logits.float() / t, dim=1)
+        return [teacher.logits if s == 1 else t * torch.log(F.avg_pool2d(probs, s).clamp_min(1e-8))
+                for s in self.kd_scales]
+
     def ramp(self) -> float:
         return sigmoid_rampup(self.global_step, self.rampup_steps)
 
@@ -167,15 +193,17 @@ class ScribSDPlus(TeacherStudentMethod):
         student = self.student(image + noise)
         student_logits = deep_supervision_logits(self.student, student, self.kd_scales)
 
-        # L_pce at full resolution and on every deep-supervision output.
-        L_pce = torch.stack([
-            partial_cross_entropy(F.interpolate(z, size=size, mode="bilinear", align_corners=False) if z.shape[-2:] != size else z,
-                                  scribble, self.scribble_ignore_index)
-            for z in student_logits
-        ]).mean()
+        # L_pce at full resolution (+ optionally on the upsampled deep-supervision outputs).
+        L_pce = partial_cross_entropy(student.logits, scribble, self.scribble_ignore_index)
+        if self.ds_pce_weight > 0 and len(student_logits) > 1:
+            L_pce = L_pce + self.ds_pce_weight * torch.stack([
+                partial_cross_entropy(F.interpolate(z, size=size, mode="bilinear", align_corners=False),
+                                      scribble, self.scribble_ignore_index)
+                for z in student_logits[1:]
+            ]).mean()
 
         teacher = self.teacher_forward(image)
-        teacher_logits = deep_supervision_logits(self.ema_teacher, teacher, self.kd_scales)
+        teacher_logits = self.kd_targets(teacher)
         ramp = self.ramp()
         loss = L_pce
         logs = {"train/pce": L_pce}
