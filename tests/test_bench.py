@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from kdseg import bench
 
 
@@ -49,9 +51,11 @@ def test_bench_new_methods_ratios(tmp_path: Path) -> None:
     assert by_method["mmt_psm"]["step_ratio_vs_supervised"] == by_method["mmt_psm"]["step_ratio_vs_baseline"]
     assert math.isnan(by_method["action_stage3"]["step_ratio_vs_supervised"])  # supervised not run
     assert by_method["mmt_psm"]["family"] == "instance" and by_method["mmt_psm"]["unlabeled_batch"] == 1
-    assert by_method["mmt_psm"]["last_step_logs"]["train/unlabeled_weight"] > 0  # warm-up skipped
-    assert "train/psm" in by_method["mmt_psm"]["last_step_logs"]
+    logs = by_method["mmt_psm"]["last_step_logs"]
+    assert logs["train/unlabeled_weight"] > 0  # warm-up skipped
+    assert logs["train/pseudo_labels"] > 0 and logs["train/positive_rois"] > 0  # PSM / MGD have work
     assert by_method["mmt_psm"]["inference_images_per_s"] > 0
     assert text.index("semantic (") < text.index("instance (")  # one table per family
     assert "ACTION stage 3 (L_sup + L_unsup + L_anco) vs mean_teacher, same batch 2+2" in text
-    print(text)
+    with pytest.raises(ValueError, match="channels-last"):
+        bench.bench_one(bench.METHODS["mmt_psm"][0], "cpu", 32, 2, 1, 0, "bf16-mixed", True)
