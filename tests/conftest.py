@@ -32,6 +32,25 @@ TINY_NETWORK = [
     "--trainer.enable_model_summary=false",
 ]
 
+#: CLI overrides that make any Mask R-CNN config tiny (64 px, a narrow ResNet-18 FPN) on the CPU.
+TINY_DETECTOR = [
+    "--model.init_args.detector.backbone=resnet18",
+    "--model.init_args.detector.fpn_channels=16",
+    "--model.init_args.detector.box_representation_size=32",
+    "--model.init_args.detector.mask_head_channels=8",
+    "--model.init_args.detector.min_size=64",
+    "--model.init_args.detector.max_size=64",
+    "--model.init_args.detector.anchor_sizes=[8,16,32,64,128]",
+    "--model.init_args.detector.rpn_post_nms_top_n_train=100",
+    "--model.init_args.detector.rpn_post_nms_top_n_test=50",
+    "--model.init_args.detector.box_detections_per_img=10",
+    "--model.init_args.detector.box_batch_size_per_image=32",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
 requires_acdc = pytest.mark.skipif(
     not (SHARED_ACDC / "volumes").is_dir(), reason=f"real ACDC data not found at {SHARED_ACDC}"
 )

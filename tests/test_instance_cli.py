@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-from conftest import REPO, run_cli
+from conftest import REPO, TINY_DETECTOR, run_cli
 from skimage import io
 
 from kdseg.data.cytology_phantom import make_cytology_phantom
@@ -18,23 +18,7 @@ from kdseg.data.instance_datamodule import CervicalCellDataModule
 from kdseg.data.volume import DataError
 
 #: A tiny light Mask R-CNN at 64 px and a CPU-only trainer.
-TINY = [
-    "--model.init_args.detector.backbone=resnet18",
-    "--model.init_args.detector.fpn_channels=16",
-    "--model.init_args.detector.box_representation_size=32",
-    "--model.init_args.detector.mask_head_channels=8",
-    "--model.init_args.detector.min_size=64",
-    "--model.init_args.detector.max_size=64",
-    "--model.init_args.detector.anchor_sizes=[8,16,32,64,128]",
-    "--model.init_args.detector.rpn_post_nms_top_n_train=100",
-    "--model.init_args.detector.rpn_post_nms_top_n_test=50",
-    "--model.init_args.detector.box_detections_per_img=10",
-    "--model.init_args.detector.box_batch_size_per_image=32",
-    "--trainer.accelerator=cpu",
-    "--trainer.devices=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
+TINY = TINY_DETECTOR
 #: Teacher-student configs: unlabeled losses from the first step, pseudo-labels from an untrained teacher.
 TEACHER_NOW = ["--model.init_args.warmup_steps=0", "--model.init_args.pseudo_label_score=0.0"]
 SPLIT = [

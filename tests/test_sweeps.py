@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, TINY_NETWORK
+from conftest import REPO, TINY_DETECTOR, TINY_NETWORK
 
 SWEEP_DIR = REPO / "experiments" / "sweeps"
 SWEEPS = sorted(SWEEP_DIR.glob("*.yaml"))
@@ -45,21 +45,7 @@ TINY_INSTANCE = [
     "--data.init_args.num_test_images=1",
     "--data.init_args.num_labeled=2",
     "--data.init_args.batch_size=2",
-    "--model.init_args.detector.backbone=resnet18",
-    "--model.init_args.detector.fpn_channels=16",
-    "--model.init_args.detector.box_representation_size=32",
-    "--model.init_args.detector.mask_head_channels=8",
-    "--model.init_args.detector.min_size=64",
-    "--model.init_args.detector.max_size=64",
-    "--model.init_args.detector.anchor_sizes=[8,16,32,64,128]",
-    "--model.init_args.detector.rpn_post_nms_top_n_train=100",
-    "--model.init_args.detector.rpn_post_nms_top_n_test=50",
-    "--model.init_args.detector.box_detections_per_img=10",
-    "--model.init_args.detector.box_batch_size_per_image=32",
-    "--trainer.accelerator=cpu",
-    "--trainer.devices=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
+    *TINY_DETECTOR,
 ]
 
 
