@@ -84,12 +84,13 @@ def tabulate(out: Path, results_dir: Path, methods: list[str]) -> Path:
                 (target / "test_cases.csv").write_text(cases.read_text())
             runs.append(metrics)
         if not runs:
-            rows.append(f"| {method} | not run | | | | | | | |")
+            rows.append(f"| {method} | not run |" + " |" * 10)
             continue
         cells = []
-        for name in ("RV", "Myo", "LV"):
-            values = [r["per_class"][name]["dice_mean"] for r in runs]
-            cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f}")
+        for metric in ("dice", "hd95"):
+            for name in ("RV", "Myo", "LV"):
+                values = [r["per_class"][name][f"{metric}_mean"] for r in runs]
+                cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f}")
         for metric in ("dice", "hd95", "asd"):
             values = [r["mean"][metric] for r in runs]
             cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f}")
@@ -98,8 +99,9 @@ def tabulate(out: Path, results_dir: Path, methods: list[str]) -> Path:
         rows.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
     table = results_dir / "table.md"
     header = (
-        "| method | seeds | Dice RV | Dice Myo | Dice LV | Dice mean | HD95 mean (px) | ASD mean (px) | best val Dice in training |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "| method | seeds | Dice RV | Dice Myo | Dice LV | HD95 RV (px) | HD95 Myo (px) | HD95 LV (px) "
+        "| Dice mean | HD95 mean (px) | ASD mean (px) | best val Dice in training |\n"
+        "|" + " --- |" * 12 + "\n"
     )
     table.write_text(header + "\n".join(rows) + "\n")
     return table
