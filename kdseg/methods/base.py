@@ -328,7 +328,37 @@ def format_summary_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class TeacherStudentMethod(SegmentationMethod):
+class EMATeacherMixin:
+    """The EMA-teacher mechanics shared by every teacher-student method, semantic or instance.
+
+    :meth:`init_ema_teacher` deep-copies ``self.student`` (after the method's heads are added)
+    into ``self.ema_teacher``, which never receives gradients and stays in eval mode; the
+    :class:`~kdseg.callbacks.ema.EMATeacher` callback is added by :meth:`configure_callbacks`, so
+    no config can forget it; ``eval_network`` picks the network evaluated.
+    """
+
+    def init_ema_teacher(self, ema_decay: float, eval_network: str) -> None:
+        if eval_network not in ("student", "teacher"):
+            raise ValueError(f"eval_network must be 'student' or 'teacher', got {eval_network!r}")
+        self.ema_decay = ema_decay
+        self.eval_network = eval_network
+        self.ema_teacher = copy.deepcopy(self.student)
+        self.ema_teacher.requires_grad_(False)
+        self.ema_teacher.eval()
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [*super().configure_callbacks(), EMATeacher(decay=self.ema_decay)]
+
+    def train(self, mode: bool = True):  # type: ignore[no-untyped-def]
+        super().train(mode)
+        self.ema_teacher.eval()  # Lightning switches every submodule to train mode: not the teacher
+        return self
+
+    def inference_network(self) -> nn.Module:
+        return self.ema_teacher if self.eval_network == "teacher" else self.student
+
+
+class TeacherStudentMethod(EMATeacherMixin, SegmentationMethod):
     """The teacher-student core: a student and an EMA teacher of the same architecture.
 
     The teacher is a deep copy of the student made after the method has added its heads
@@ -345,28 +375,11 @@ class TeacherStudentMethod(SegmentationMethod):
 
     def __init__(self, ema_decay: float = 0.99, eval_network: str = "student", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if eval_network not in ("student", "teacher"):
-            raise ValueError(f"eval_network must be 'student' or 'teacher', got {eval_network!r}")
-        self.ema_decay = ema_decay
-        self.eval_network = eval_network
         self.add_heads(self.student)
-        self.ema_teacher = copy.deepcopy(self.student)
-        self.ema_teacher.requires_grad_(False)
-        self.ema_teacher.eval()
+        self.init_ema_teacher(ema_decay, eval_network)
 
     def add_heads(self, network: SegmentationNetwork) -> None:
         """Hook: register the method's extra heads on the student (the teacher copies them)."""
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        return [EMATeacher(decay=self.ema_decay)]
-
-    def train(self, mode: bool = True) -> TeacherStudentMethod:
-        super().train(mode)
-        self.ema_teacher.eval()  # Lightning switches every submodule to train mode: not the teacher
-        return self
-
-    def inference_network(self) -> nn.Module:
-        return self.ema_teacher if self.eval_network == "teacher" else self.student
 
     @torch.no_grad()
     def teacher_forward(self, image: Tensor) -> NetworkOutput:

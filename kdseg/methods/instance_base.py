@@ -29,7 +29,6 @@ repetition costs nothing measurable.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -45,12 +44,11 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from kdseg.callbacks.ema import EMATeacher
 from kdseg.callbacks.prediction_writer import VolumePredictionWriter
 from kdseg.callbacks.run_dir import run_dir
 from kdseg.data.augment import StrongPerturbation, random_erasing
 from kdseg.losses.segmentation import sigmoid_rampup
-from kdseg.methods.base import next_free_path
+from kdseg.methods.base import EMATeacherMixin, next_free_path
 
 # The EMA teacher stays in eval mode on purpose; Lightning warns about it.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -704,7 +702,7 @@ def default_perturbation() -> StrongPerturbation:
     return StrongPerturbation(brightness=0.15, contrast=0.15, gamma=0.0, blur_sigma=(0.0, 0.0), noise_std=0.0, p=1.0)
 
 
-class InstanceTeacherStudentMethod(InstanceSegmentationMethod):
+class InstanceTeacherStudentMethod(EMATeacherMixin, InstanceSegmentationMethod):
     """A Mask R-CNN student and its EMA teacher; unlabeled losses after a supervised warm-up.
 
     The teacher is a deep copy of the student made after the method added its extra modules
@@ -753,12 +751,8 @@ class InstanceTeacherStudentMethod(InstanceSegmentationMethod):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if eval_network not in ("student", "teacher"):
-            raise ValueError(f"eval_network must be 'student' or 'teacher', got {eval_network!r}")
         if warmup_steps < 0 or rampup_steps < 0:
             raise ValueError("warmup_steps and rampup_steps must be >= 0")
-        self.ema_decay = ema_decay
-        self.eval_network = eval_network
         self.warmup_steps = warmup_steps
         self.consistency_weight = consistency_weight
         self.rampup_steps = rampup_steps
@@ -767,24 +761,11 @@ class InstanceTeacherStudentMethod(InstanceSegmentationMethod):
         self.erase_prob = erase_prob
         self.erase_area = tuple(erase_area)
         self.add_heads(self.student)
-        self.ema_teacher = copy.deepcopy(self.student)
-        self.ema_teacher.requires_grad_(False)
-        self.ema_teacher.eval()
+        self.init_ema_teacher(ema_decay, eval_network)
 
     def add_heads(self, detector: nn.Module) -> None:
         """Hook: register the method's extra modules on the student (the teacher copies them).
         ``self.hparams`` already holds every constructor argument here."""
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        return [*super().configure_callbacks(), EMATeacher(decay=self.ema_decay)]
-
-    def train(self, mode: bool = True) -> InstanceTeacherStudentMethod:
-        super().train(mode)
-        self.ema_teacher.eval()  # Lightning switches every submodule to train mode: not the teacher
-        return self
-
-    def inference_network(self) -> nn.Module:
-        return self.ema_teacher if self.eval_network == "teacher" else self.student
 
     def unlabeled_weight(self, step: int) -> float:
         """``w(t)``: 0 during warm-up, then the sigmoid ramp-up to ``consistency_weight``."""
