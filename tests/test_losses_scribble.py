@@ -56,6 +56,23 @@ def test_kd_kl_hand_value_t2_and_t_squared_scaling():
     )
 
 
+def test_kd_kl_sharpened_teacher_hand_value():
+    # T = 1 (student), T_t = 1/2 (teacher): teacher (log 3, 0) / (1/2) = (log 9, 0) -> q = (9/10, 1/10);
+    # student (0, 0) -> p = (1/2, 1/2). KL = 0.9 log(0.9 / 0.5) + 0.1 log(0.1 / 0.5) = 0.368064
+    student, teacher = _logits((0.0, 0.0)), _logits((LOG3, 0.0))
+    expected = 0.9 * math.log(1.8) + 0.1 * math.log(0.2)
+    got = kd_kl_divergence(student, teacher, temperature=1.0, teacher_temperature=0.5)
+    assert got.item() == pytest.approx(expected, abs=1e-12)
+    # Equal to Hinton KD of a teacher whose logits were doubled; None means T_t = T.
+    assert got.item() == pytest.approx(kd_kl_divergence(student, 2 * teacher).item(), abs=1e-12)
+    assert kd_kl_divergence(student, teacher, 2.0, teacher_temperature=None).item() == pytest.approx(
+        kd_kl_divergence(student, teacher, 2.0).item(), abs=1e-12)
+    # A student that already matches the sharpened target has zero loss.
+    assert kd_kl_divergence(2 * teacher, teacher, 1.0, teacher_temperature=0.5).item() == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        kd_kl_divergence(student, teacher, teacher_temperature=0.0)
+
+
 def test_kd_kl_zero_when_equal():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 3, 3, generator=g)

@@ -59,6 +59,44 @@ def test_contrast_class_map_prefers_scribbles_then_confident_teacher() -> None:
     assert model.contrast_class_map(scribble, teacher_logits).tolist() == [[[1, 1, 4]]]
 
 
+@pytest.mark.parametrize("noise_on", ["teacher", "student", "none"])
+def test_input_noise_goes_only_to_the_named_network(monkeypatch, noise_on) -> None:
+    """The student is evaluated on clean slices, so by default only the teacher's view is noisy
+    (as SSL4MIS's mean teacher); ``noise_on`` moves or removes the noise."""
+    torch.manual_seed(0)
+    model = ScribSDPlus(network=TINY4, rampup_steps=0, noise_on=noise_on, noise_std=0.1)
+    batch = scribble_batch()
+    seen = {}
+    student_forward, teacher_forward = model.student.forward, model.teacher_forward
+    monkeypatch.setattr(model.student, "forward", lambda x: (seen.__setitem__("student", x), student_forward(x))[1])
+    monkeypatch.setattr(model, "teacher_forward", lambda x: (seen.__setitem__("teacher", x), teacher_forward(x))[1])
+    monkeypatch.setattr(model, "log_dict", lambda *a, **k: None)
+    model.training_step(batch, 0)
+    clean = batch["labeled"]["image"]
+    for side in ("student", "teacher"):
+        difference = (seen[side] - clean).abs().max().item()
+        if side == noise_on:
+            assert 0 < difference <= 0.2 + 1e-6, side  # clipped at 2 std
+        else:
+            assert difference == 0, side
+    with pytest.raises(ValueError, match="noise_on"):
+        ScribSDPlus(network=TINY4, noise_on="both")
+
+
+def test_sharpened_teacher_target_is_used(monkeypatch) -> None:
+    import kdseg.methods.scribsd_plus as module
+
+    calls = {}
+    real = module.multiscale_kd_loss
+    monkeypatch.setattr(module, "multiscale_kd_loss",
+                        lambda s, t, w, T, Tt=None: (calls.update(T=T, Tt=Tt), real(s, t, w, T, Tt))[1])
+    model = ScribSDPlus(network=TINY4, rampup_steps=0, kd_temperature=1.0, kd_teacher_temperature=0.5)
+    monkeypatch.setattr(model, "log_dict", lambda *a, **k: None)
+    model.training_step(scribble_batch(), 0)
+    assert calls == {"T": 1.0, "Tt": 0.5}
+    assert ScribSDPlus(network=TINY4, kd_temperature=2.0).kd_teacher_temperature == 2.0  # None -> T
+
+
 def test_ablation_switches_remove_their_terms(monkeypatch) -> None:
     logged = {}
     for name, kwargs in {"no_kd": dict(kd_weight=0.0), "no_contrast": dict(contrast_weight=0.0)}.items():

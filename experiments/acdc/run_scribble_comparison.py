@@ -71,12 +71,16 @@ def tabulate(out: Path, results_dir: Path, methods: list[str]) -> Path:
     rows = []
     for method in methods:
         runs = []
-        for run_root in sorted(out.glob(f"{method}_seed*")):
-            files = sorted(run_root.glob("**/test_metrics.json"))
-            if not files:
+        names = {p.name for p in out.glob(f"{method}_seed*")} | {p.name for p in results_dir.glob(f"{method}_seed*")}
+        for name in sorted(n for n in names if n.removeprefix(f"{method}_seed").isdigit()):
+            files = sorted((out / name).glob("**/test_metrics.json"))
+            if not files:  # a run finished earlier whose run folder is gone: its copied metrics
+                kept = results_dir / name / "test_metrics.json"
+                if kept.exists():
+                    runs.append(json.loads(kept.read_text()))
                 continue
             metrics = json.loads(files[-1].read_text())
-            target = results_dir / run_root.name
+            target = results_dir / name
             target.mkdir(exist_ok=True)
             (target / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
             cases = files[-1].with_name("test_cases.csv")

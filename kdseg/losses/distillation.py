@@ -22,8 +22,13 @@ def kd_kl_divergence(
     teacher_logits: Tensor,
     temperature: float = 1.0,
     mask: Tensor | None = None,
+    teacher_temperature: float | None = None,
 ) -> Tensor:
-    """Pixel-wise Hinton distillation loss ``T^2 * KL(softmax(t/T) || softmax(s/T))``.
+    """Pixel-wise Hinton distillation loss ``T^2 * KL(softmax(t/T_t) || softmax(s/T))``.
+
+    ``T_t = T`` (``teacher_temperature=None``) is Hinton's KD. ``T_t < T`` sharpens the teacher's
+    soft prediction before it supervises the student (as in UDA / MMT-PSM's sharpening): the
+    target still keeps the teacher's class ranking but is more confident than the teacher.
 
     The KL is summed over classes and averaged over pixels (over the True pixels of ``mask``
     when given). The ``T^2`` factor (Hinton et al., 2015) compensates the ``1/T^2`` shrinkage of
@@ -33,15 +38,20 @@ def kd_kl_divergence(
     Args:
         student_logits: (B, C, *spatial), e.g. (B, C, H, W); receives gradient.
         teacher_logits: same shape; detached inside (the teacher never gets gradient).
-        temperature: softening temperature ``T > 0``.
+        temperature: softening temperature ``T > 0`` of the student (and of the teacher unless
+            ``teacher_temperature`` is given); the loss is scaled by ``T^2``.
         mask: optional (B, *spatial) bool; pixels to distil on. An all-False mask returns an
             exact 0 that stays attached to the student graph (``backward()`` is safe).
+        teacher_temperature: ``T_t > 0`` of the teacher's target; None means ``T``.
 
     Returns:
         Scalar tensor (>= 0; 0 when student == teacher).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
+    if teacher_temperature <= 0:
+        raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student and teacher logits must have the same shape, got "
@@ -50,7 +60,7 @@ def kd_kl_divergence(
     if student_logits.dim() < 2:
         raise ValueError(f"logits must be (B, C, *spatial), got {tuple(student_logits.shape)}")
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / teacher_temperature, dim=1)
     # KL(q || p) = sum_c q_c (log q_c - log p_c); from log-probs, so q_c = 0 gives 0, not NaN.
     kl_map = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
     return (temperature**2) * _masked_pixel_mean(kl_map, mask)
@@ -93,6 +103,7 @@ def multiscale_kd_loss(
     teacher_logits: Sequence[Tensor],
     weights: Sequence[float],
     temperature: float,
+    teacher_temperature: float | None = None,
 ) -> Tensor:
     """ScribSD+ multi-scale prediction-level KD: ``sum_s w_s KD_s / sum_s w_s``.
 
@@ -105,6 +116,7 @@ def multiscale_kd_loss(
         teacher_logits: same length; at each scale the same shape as the student's.
         weights: one non-negative weight per scale, positive sum.
         temperature: KD temperature ``T > 0`` (the ``T^2`` factor is applied per scale).
+        teacher_temperature: the teacher's ``T_t`` (None: ``T``); see :func:`kd_kl_divergence`.
 
     Returns:
         Scalar tensor.
@@ -116,7 +128,7 @@ def multiscale_kd_loss(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     _check_levels("multiscale_kd_loss", "scale", student_logits, teacher_logits, weights)
     losses = [
-        kd_kl_divergence(s, t, temperature=temperature)
+        kd_kl_divergence(s, t, temperature=temperature, teacher_temperature=teacher_temperature)
         for s, t in zip(student_logits, teacher_logits)
     ]
     return _weighted_mean(losses, weights)
