@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from kdseg.callbacks.latest_checkpoint import LatestCheckpoint
 from kdseg.callbacks.prediction_writer import VolumePredictionWriter
 from kdseg.callbacks.run_dir import ensure_new_run_dir, run_dir
 from kdseg.data.volume import DataError
@@ -58,6 +59,12 @@ class KdsegCLI(LightningCLI):
         # `--trainer.enable_checkpointing false` means no checkpoint: drop the default one.
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        # `checkpoint.save_last`: last.ckpt is written by LatestCheckpoint (the latest state),
+        # not by Lightning's save_last, which keeps the state of the latest *improvement*.
+        best = next((c for c in callbacks if type(c) is ModelCheckpoint), None)
+        if best is not None and best.save_last:
+            best.save_last = False
+            callbacks = [*callbacks, LatestCheckpoint(best.dirpath)]
         return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
