@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG ?= experiments/phantom/mean_teacher.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install fit test test-slow bench action-chain clean-venv
+.PHONY: install fit test test-slow bench action-chain reproduce-table clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,19 @@ LABELED ?= 7
 ROOT ?= ../shared/data/acdc
 action-chain: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH experiments/acdc/run_action_chain.sh $(LABELED) $(ROOT)
+
+# The results table of every method in experiments/reproduce/matrix.yaml under a budget profile:
+#   make reproduce-table                 PROFILE=cpu: real data, about 2 h on 2 cores with JOBS=2
+#   make reproduce-table PROFILE=smoke   the built-in phantoms, minutes, no data needed
+#   make reproduce-table PROFILE=paper   the papers' protocols (GPU)
+# Runs go to runs/reproduce/$(PROFILE) (finished ones are skipped, interrupted ones resume), tables
+# and figures to experiments/results/$(PROFILE). REPRODUCE_ARGS passes more options
+# (--only acdc_scribble, --seeds 0, --set semi_steps=400, --max-runs 2; python -m kdseg.reproduce --help).
+PROFILE ?= cpu
+JOBS ?= 2
+REPRODUCE_ARGS ?=
+reproduce-table: $(STAMP)
+	$(PY) -m kdseg.reproduce --profile $(PROFILE) --jobs $(JOBS) $(REPRODUCE_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,300 @@
+"""The figures beside the table: qualitative predictions and validation curves, per setting.
+
+- ``qualitative_<setting>.png``: rows are a few fixed test cases (ACDC: the first test patient's
+  two frames, each at its slice with the most ground-truth foreground; cervical cells: the first
+  two test images by id), columns the image, the ground truth and each method's prediction by the
+  checkpoint its table row tested (the lowest finished seed). Predictions are made with the real
+  ``kdseg predict`` (in this process, on the run's own saved config) into
+  ``<out>/figures/<key>/``, once: a later call reuses them, and nothing is written into run
+  folders.
+- ``val_dice_curves_<setting>.png``: validation Dice (``val/dice_mean``) against the training
+  step of each method's last stage, mean over its finished seeds, from the runs' ``metrics.csv``
+  (every version folder of a resumed fit); instance settings get a second panel with their
+  checkpoint monitor (``val/aji_mean``).
+
+A prediction that fails leaves its panel with the error's first line and a warning, rather than
+losing the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib
+import io
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from kdseg.reproduce.execute import RunResult, fit_versions
+from kdseg.reproduce.spec import Matrix, Setting
+
+ACDC_COLOURS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 120, 255]], dtype=np.float32) / 255.0
+
+
+def write_figures(figures_dir: Path, matrix: Matrix, results: list[RunResult], cache_dir: Path,
+                  warn: Callable[[str], None] = print) -> list[Path]:
+    """Both figures for every setting with at least one finished run; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for setting in matrix.settings.values():
+        mine = [r for r in results if r.plan.setting.name == setting.name and r.has_metrics and r.folder]
+        if not mine:
+            continue
+        written.append(curves_figure(figures_dir / f"val_dice_curves_{setting.name}.png", setting, mine))
+        written.append(qualitative_figure(figures_dir / f"qualitative_{setting.name}.png", setting, mine,
+                                          cache_dir, warn))
+    return written
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def read_curve(folder: Path, metric: str) -> dict[int, float]:
+    """``{step: value}`` of ``metric`` over every ``fit/version_*/metrics.csv`` of a stage folder
+    (a later version's value wins at the same step, as after a resume)."""
+    curve: dict[int, float] = {}
+    for version in fit_versions(folder):
+        path = version / "metrics.csv"
+        if not path.is_file():
+            continue
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                value = row.get(metric)
+                if value not in (None, "") and row.get("step") not in (None, ""):
+                    curve[int(float(row["step"])) + 1] = float(value)  # logged at global_step - 1
+    return curve
+
+
+def mean_curve(curves: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps, mean and count over the curves that have each step."""
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for curve in curves:
+        for step, value in curve.items():
+            by_step[step].append(value)
+    steps = np.array(sorted(by_step), dtype=float)
+    means = np.array([np.mean(by_step[int(s)]) for s in steps])
+    counts = np.array([len(by_step[int(s)]) for s in steps])
+    return steps, means, counts
+
+
+def curves_figure(path: Path, setting: Setting, results: list[RunResult]) -> Path:
+    import matplotlib.pyplot as plt
+
+    monitors = ["val/dice_mean"]
+    for r in results:
+        monitor = r.plan.final.get("checkpoint.monitor")
+        if monitor and monitor not in monitors:
+            monitors.append(str(monitor))
+    fig, axes = plt.subplots(1, len(monitors), figsize=(6.0 * len(monitors), 4.0), squeeze=False)
+    for ax, metric in zip(axes[0], monitors):
+        for method in setting.methods.values():
+            runs = [r for r in results if r.plan.method.name == method.name]
+            curves = [c for c in (read_curve(r.folder, metric) for r in runs if r.folder) if c]
+            if not curves:
+                continue
+            steps, means, _ = mean_curve(curves)
+            stages = runs[0].plan.final
+            label = method.label + (f" (stage {stages.index}/{stages.count})" if stages.count > 1 else "")
+            label += f", {len(curves)} seed{'s' if len(curves) > 1 else ''}"
+            ax.plot(steps, means, marker="o", markersize=3, label=label)
+        ax.set_xlabel("training step (last stage)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{setting.name}: {metric} on the validation set")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- qualitative
+
+
+def _first_per_method(setting: Setting, results: list[RunResult]) -> list[tuple[str, RunResult]]:
+    out = []
+    for method in setting.methods.values():
+        runs = sorted((r for r in results if r.plan.method.name == method.name), key=lambda r: r.plan.seed)
+        if runs:
+            out.append((method.label, runs[0]))
+    return out
+
+
+def _run_config(result: RunResult) -> tuple[Path, Path]:
+    """The saved config of the run's newest fit version and the checkpoint its test used."""
+    assert result.folder is not None
+    configs = [v / "config.yaml" for v in fit_versions(result.folder) if (v / "config.yaml").is_file()]
+    if not configs or not result.result.get("checkpoint"):
+        raise FileNotFoundError(f"{result.folder}: no saved config or tested checkpoint")
+    return configs[-1], Path(result.result["checkpoint"])
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def predict_once(result: RunResult, cache_dir: Path, extra: list[str]) -> Path:
+    """Runs ``kdseg predict`` of the tested checkpoint into ``cache_dir/<key>/predictions-<n>``
+    unless an earlier call completed one (its folder is recorded in ``done``); returns the folder.
+    An interrupted attempt's folder is left alone (the writer never overwrites): a new one is used."""
+    from kdseg.cli import main
+
+    config, ckpt = _run_config(result)
+    target = cache_dir / str(result.plan.final.key)
+    done = target / "done"
+    if done.is_file():
+        return Path(done.read_text().strip())
+    target.mkdir(parents=True, exist_ok=True)
+    predictions = target / f"predictions-{1 + sum(1 for _ in target.glob('predictions-*'))}"
+    with _quiet():
+        main([
+            "predict", f"--config={config}", f"--ckpt_path={ckpt}", f"--prediction_writer.output_dir={predictions}",
+            "--trainer.logger=false", f"--trainer.default_root_dir={target}", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", *extra,
+        ])
+    done.write_text(str(predictions))
+    return predictions
+
+
+def _datamodule(config: Path, **changes: Any) -> Any:
+    content = yaml.safe_load(config.read_text())
+    data = content["data"]
+    module, _, name = data["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**{**(data.get("init_args") or {}), **changes})
+
+
+def _acdc_panels(setting: Setting, methods: list[tuple[str, RunResult]], cache_dir: Path,
+                 warn: Callable[[str], None]) -> tuple[list[str], list[list[Any]]]:
+    import h5py
+
+    first = methods[0][1]
+    assert first.plan.data is not None
+    patient = first.plan.data.splits["test"][0]
+    split_file = cache_dir / f"figure_cases_{setting.name}.txt"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    split_file.write_text(f"{patient}\n")
+    config, _ = _run_config(first)
+    dm = _datamodule(config, test_split=str(split_file))
+    dm.setup("test")
+    cases = dm.test_volumes[:2]
+    columns = ["image", "ground truth"] + [label for label, _ in methods]
+    rows: list[list[Any]] = []
+    predictions: dict[str, Path | str] = {}
+    for label, result in methods:
+        try:
+            predictions[label] = predict_once(result, cache_dir, [f"--data.init_args.predict_split={split_file}"])
+        except Exception as error:  # the figure goes on without this method
+            predictions[label] = f"prediction failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            warn(f"figures: {setting.name} {label}: {predictions[label]}")
+    for volume in cases:
+        label_volume = np.asarray(volume.label)
+        z = int(np.argmax((label_volume > 0).reshape(label_volume.shape[0], -1).sum(axis=1)))
+        image = np.asarray(volume.image[z], dtype=np.float32)
+        row: list[Any] = [("gray", image, f"{volume.case_id} z={z}"), ("label", image, label_volume[z])]
+        for label, _ in methods:
+            found = predictions[label]
+            if isinstance(found, str):
+                row.append(("text", found))
+                continue
+            file = Path(found) / f"{volume.case_id}.h5"
+            if not file.is_file():
+                row.append(("text", f"no prediction file {file.name}"))
+                continue
+            with h5py.File(file) as f:
+                row.append(("label", image, np.asarray(f["prediction"][z])))
+        rows.append(row)
+    return columns, rows
+
+
+def _instance_panels(setting: Setting, methods: list[tuple[str, RunResult]], cache_dir: Path,
+                     warn: Callable[[str], None]) -> tuple[list[str], list[list[Any]]]:
+    from kdseg.methods.instance_base import overlay_instances, safe_name
+
+    first = methods[0][1]
+    config, _ = _run_config(first)
+    dm = _datamodule(config)
+    dm.load()
+    cases = sorted(dm.test_samples, key=lambda s: s.image_id)[:2]
+    columns = ["image", "ground truth"] + [label for label, _ in methods]
+    predictions: dict[str, Path | str] = {}
+    for label, result in methods:
+        try:
+            predictions[label] = predict_once(result, cache_dir, [])
+        except Exception as error:
+            predictions[label] = f"prediction failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            warn(f"figures: {setting.name} {label}: {predictions[label]}")
+    rows: list[list[Any]] = []
+    for sample in cases:
+        row: list[Any] = [("gray", sample.image, str(sample.image_id)),
+                          ("rgb", overlay_instances(sample.image, sample.masks, sample.labels))]
+        for label, _ in methods:
+            found = predictions[label]
+            if isinstance(found, str):
+                row.append(("text", found))
+                continue
+            file = Path(found) / f"{safe_name(sample.image_id)}.npz"
+            if not file.is_file():
+                row.append(("text", f"no prediction file {file.name}"))
+                continue
+            with np.load(file) as f:
+                row.append(("rgb", overlay_instances(sample.image, f["masks"], f["labels"])))
+        rows.append(row)
+    return columns, rows
+
+
+def _label_rgb(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    gray = np.clip(image, 0, 1)[..., None].repeat(3, axis=2)
+    colours = ACDC_COLOURS[np.clip(label.astype(int), 0, len(ACDC_COLOURS) - 1)]
+    mask = (label > 0)[..., None]
+    return np.where(mask, (1 - alpha) * gray + alpha * colours, gray)
+
+
+def qualitative_figure(path: Path, setting: Setting, results: list[RunResult], cache_dir: Path,
+                       warn: Callable[[str], None]) -> Path:
+    import matplotlib.pyplot as plt
+
+    methods = _first_per_method(setting, results)
+    panels = _acdc_panels if setting.task == "semantic" else _instance_panels
+    columns, rows = panels(setting, methods, cache_dir, warn)
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.4 * len(columns), 2.5 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
+        for j, panel in enumerate(row):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            kind = panel[0]
+            if kind == "gray":
+                ax.imshow(panel[1], cmap="gray", vmin=0, vmax=1)
+                ax.set_ylabel(panel[2], fontsize=7)
+            elif kind == "label":
+                ax.imshow(_label_rgb(panel[1], panel[2]))
+            elif kind == "rgb":
+                ax.imshow(panel[1])
+            else:
+                ax.text(0.5, 0.5, panel[1], ha="center", va="center", wrap=True, fontsize=7)
+            if i == 0:
+                ax.set_title(columns[j], fontsize=8)
+    fig.suptitle(f"{setting.name}: {setting.title} (tested checkpoints, lowest finished seed)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,100 @@
+"""Which metrics the reproduction table reports for each task, and how they are read from the
+``test_metrics.json`` that ``kdseg test`` writes.
+
+Two tasks, because the two method families write different summaries:
+
+- ``semantic`` (U-Net methods, :meth:`kdseg.methods.base.SegmentationMethod`): per-volume Dice,
+  HD95 and ASD per class, summarised as ``per_class[<name>][<metric>_mean]`` and
+  ``mean[<metric>]`` (mean over classes of the per-class means);
+- ``instance`` (Mask R-CNN methods, :mod:`kdseg.methods.instance_base`): ``metrics`` holds
+  ``<metric>_<class>`` and ``<metric>_mean`` for AJI, gated AJI, F1@0.5, Dice of matched objects,
+  and mask mAP / AP50 / AP75.
+
+Both are flattened to one ``{metric id: value}`` mapping (:func:`flatten_test_metrics`) so that
+tables, the CSV and the papers' numbers (``paper_numbers.yaml``) share metric ids such as
+``dice_RV``, ``dice_mean``, ``hd95_mean`` or ``aji_mean``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from kdseg.data.datamodule import ACDC_CLASS_NAMES
+from kdseg.data.instances import CLASS_NAMES as CELL_CLASS_NAMES
+
+TASKS = ("semantic", "instance")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column: a metric id, its header, and whether it is a distance (unit shown)."""
+
+    metric: str
+    header: str
+    distance: bool = False
+
+
+def _semantic_columns() -> tuple[Column, ...]:
+    classes = [Column(f"dice_{n}", f"Dice {n}") for n in ACDC_CLASS_NAMES.values()]
+    return (*classes, Column("dice_mean", "Dice mean"), Column("hd95_mean", "HD95 mean", True),
+            Column("asd_mean", "ASD mean", True))
+
+
+def _instance_columns() -> tuple[Column, ...]:
+    classes = [Column(f"dice_{n}", f"Dice {n}") for n in CELL_CLASS_NAMES.values()]
+    return (Column("aji_mean", "AJI"), Column("map_mean", "mAP"), Column("ap50_mean", "AP50"),
+            Column("f1_mean", "F1@0.5"), *classes, Column("dice_mean", "Dice mean"))
+
+
+#: The columns of each task's table, in order.
+COLUMNS: dict[str, tuple[Column, ...]] = {"semantic": _semantic_columns(), "instance": _instance_columns()}
+
+#: Metric ids a task can report (the table's columns plus the per-class values behind them).
+KNOWN_METRICS: dict[str, frozenset[str]] = {
+    "semantic": frozenset(
+        [f"{m}_{n}" for m in ("dice", "hd95", "asd") for n in [*ACDC_CLASS_NAMES.values(), "mean"]]
+    ),
+    "instance": frozenset(
+        f"{m}_{n}"
+        for m in ("aji", "aji_gated", "f1", "dice", "map", "ap50", "ap75")
+        for n in [*CELL_CLASS_NAMES.values(), "mean"]
+    ),
+}
+
+#: The metric in each run's progress line and the headline of its figures.
+HEADLINE: dict[str, tuple[str, str]] = {"semantic": ("dice_mean", "Dice"), "instance": ("aji_mean", "AJI")}
+
+
+def flatten_test_metrics(task: str, content: Mapping[str, Any]) -> dict[str, float]:
+    """``{metric id: value}`` from a ``test_metrics.json`` of ``task`` (NaN stays NaN).
+
+    Raises:
+        ValueError: the file is not a summary of that task (names the missing key).
+    """
+    out: dict[str, float] = {}
+    if task == "semantic":
+        if "per_class" not in content or "mean" not in content:
+            raise ValueError("a semantic test_metrics.json needs 'per_class' and 'mean'")
+        for name, values in content["per_class"].items():
+            for metric in ("dice", "hd95", "asd"):
+                out[f"{metric}_{name}"] = _number(values.get(f"{metric}_mean"))
+        for metric, value in content["mean"].items():
+            out[f"{metric}_mean"] = _number(value)
+    elif task == "instance":
+        if "metrics" not in content:
+            raise ValueError("an instance test_metrics.json needs 'metrics'")
+        out = {k: _number(v) for k, v in content["metrics"].items()}
+    else:
+        raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
+    return out
+
+
+def distance_unit(task: str, content: Mapping[str, Any]) -> str | None:
+    """The unit of the distance columns (``mm`` or ``pixel``), None for tasks without any."""
+    return str(content.get("distance_unit", "pixel")) if task == "semantic" else None
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)

@@ -1,0 +1,358 @@
+"""The results table: one table per setting, written as ``table.md``, ``table.csv`` and ``table.tex``.
+
+Rows are the matrix's methods (in matrix order), each the mean +- sample standard deviation
+(``ddof=1``) over its finished seeds of the per-run test summary (per-class and mean values are
+means over test volumes or images, as ``kdseg test`` computes them), followed by the papers'
+numbers for that setting from ``paper_numbers.yaml``, marked "reported in <paper>, <table>".
+A method none of whose seeds finished is shown as FAILED (or "not run") instead of being dropped,
+and the table ends with each failure's log and last stderr lines. The caption states the budget
+(profile, image size, iterations, encoder, device), the data and splits, and which checkpoint was
+tested, taken from the resolved configs of the runs rather than restated by hand.
+
+``table.csv`` has one row per (setting, method or reported row) with ``<metric>_mean``,
+``<metric>_std`` and ``<metric>_n`` columns (blank where a setting does not report a metric),
+``runs.csv`` one row per run (status, seconds, folders, failure), and every finished run's
+``test_metrics.json`` / ``test_cases.csv`` / ``result.json`` is copied to
+``runs/<setting>/<method>/seed<k>/`` beside the tables, so a results folder can be committed
+without the checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from kdseg.reproduce.execute import RunResult
+from kdseg.reproduce.metrics import COLUMNS, KNOWN_METRICS, distance_unit
+from kdseg.reproduce.spec import Matrix, PaperNumbers, Profile, ReportedRow, Setting
+
+DASH = "–"
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float | None
+    n: int
+
+
+@dataclass
+class Row:
+    """One table row: a method measured here, or a paper's reported numbers."""
+
+    setting: str
+    method: str
+    label: str
+    kind: str  # "measured" | "reported"
+    stats: dict[str, Stat] = field(default_factory=dict)
+    seeds_finished: int = 0
+    seeds_failed: int = 0
+    seeds_planned: int = 0
+    iterations: str = ""
+    reported: ReportedRow | None = None
+    failures: list[RunResult] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if self.kind == "reported":
+            return "reported"
+        if self.seeds_finished and not self.seeds_failed:
+            return "ok"
+        if self.seeds_finished:
+            return "partial"
+        return "FAILED" if self.seeds_failed else "not run"
+
+    def seeds_cell(self) -> str:
+        if self.kind == "reported":
+            return DASH
+        text = str(self.seeds_finished)
+        if self.seeds_failed:
+            text += f" ({self.seeds_failed} FAILED)"
+        missing = self.seeds_planned - self.seeds_finished - self.seeds_failed
+        if missing:
+            text += f" ({missing} not run)"
+        return text
+
+
+def aggregate(values: Iterable[float]) -> Stat | None:
+    """Mean and sample std (``ddof=1``; None for one value) of the finite values."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return None
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else None
+    return Stat(float(np.mean(finite)), std, len(finite))
+
+
+def build_rows(setting: Setting, results: list[RunResult], papers: PaperNumbers | None) -> list[Row]:
+    """The measured rows of ``setting`` (matrix order) and its reported rows."""
+    rows: list[Row] = []
+    for method in setting.methods.values():
+        mine = [r for r in results if r.plan.setting.name == setting.name and r.plan.method.name == method.name]
+        row = Row(setting.name, method.name, method.label, "measured", seeds_planned=len(mine))
+        finished = [r for r in mine if r.has_metrics]
+        row.seeds_finished = len(finished)
+        row.failures = [r for r in mine if r.status == "failed"]
+        row.seeds_failed = len(row.failures)
+        for metric in sorted(KNOWN_METRICS[setting.task]):
+            stat = aggregate(r.metrics.get(metric, math.nan) for r in finished)
+            if stat is not None:
+                row.stats[metric] = stat
+        iterations = {"+".join(str(i) for i in r.plan.iterations) for r in mine if r.plan.stages and not r.plan.error}
+        row.iterations = ", ".join(sorted(iterations))
+        rows.append(row)
+    for reported in (papers.rows if papers else ()):
+        if reported.setting == setting.name:
+            row = Row(setting.name, reported.method, f"{reported.label} (reported in {reported.short}, {reported.where})",
+                      "reported", reported=reported)
+            row.stats = {k: Stat(v, None, 1) for k, v in reported.metrics.items()}
+            rows.append(row)
+    return rows
+
+
+def _fmt(stat: Stat | None, distance: bool) -> str:
+    if stat is None:
+        return DASH
+    digits = 2 if distance else 3
+    text = f"{stat.mean:.{digits}f}"
+    if stat.std is not None:
+        text += f" ± {stat.std:.{digits}f}"
+    return text
+
+
+def _unit(results: list[RunResult], setting: Setting) -> str | None:
+    units = {distance_unit(setting.task, r.test_metrics) for r in results
+             if r.plan.setting.name == setting.name and r.has_metrics}
+    units.discard(None)
+    return ", ".join(sorted(u for u in units if u)) or None
+
+
+def caption(setting: Setting, results: list[RunResult], profile: Profile, papers: PaperNumbers | None) -> str:
+    """The budget, data, checkpoint and statistics of one setting's table, from its runs' configs."""
+    runs = [r for r in results if r.plan.setting.name == setting.name and r.plan.stages]
+    finals = [r.plan.final for r in runs if r.plan.final.resolved]
+
+    def values(dotted: str, none: str = "?") -> str:
+        found = sorted({none if s.get(dotted) is None else str(s.get(dotted)) for s in finals})
+        return ", ".join(found) if found else "?"
+
+    def methods_where(predicate: Any) -> str:
+        labels = [r.plan.method.label for r in runs if r.plan.seed == runs[0].plan.seed and predicate(r.plan.final)]
+        return ", ".join(dict.fromkeys(labels)) or "none"
+
+    parts = [f"Profile `{profile.name}`: {profile.description}", f"Device: {profile.device}."]
+    data = next((r.plan.data for r in runs if r.plan.data is not None), None)
+    if data is not None:
+        parts.append(f"Data: {data.description}.")
+    if setting.label_budget:
+        parts.append(f"Label budget: {setting.label_budget}.")
+    if setting.task == "semantic":
+        parts.append(
+            f"Training: {values('data.init_args.image_size')} px slices, encoder "
+            f"{values('model.init_args.network.encoder_name')}, batch {values('data.init_args.batch_size')} labeled "
+            f"(+ {values('data.init_args.unlabeled_batch_size')} unlabeled where used); iterations per stage in the "
+            "'iters' column."
+        )
+    else:
+        parts.append(
+            f"Split by CervicalCellDataModule (split_seed {values('data.init_args.split_seed')}): "
+            f"validation images (checkpoint selection): {values('data.init_args.num_val_images')}, "
+            f"test images: {values('data.init_args.num_test_images')}, labeled: {values('data.init_args.num_labeled')}, "
+            f"the rest of the annotated images unlabeled; methods training on unlabeled images: "
+            f"{methods_where(lambda s: (s.get('data.init_args.unlabeled_batch_size') or 0) > 0)} (with the extra "
+            f"EDF images: {methods_where(lambda s: (s.get('data.init_args.unlabeled_batch_size') or 0) > 0 and s.get('data.init_args.use_edf'))}). "
+            f"Training: {_size_text(values('data.init_args.image_size', 'original'))}, Mask R-CNN "
+            f"backbone {values('model.init_args.detector.backbone')}, batch {values('data.init_args.batch_size')}; "
+            "iterations in the 'iters' column."
+        )
+    parts.append(
+        f"Checkpoint: `kdseg test` of the best checkpoint by {values('checkpoint.monitor')} on the validation set "
+        "(over every validation of the last stage); multi-stage methods hand each stage's checkpoint to the next."
+    )
+    unit = _unit(results, setting)
+    stats = "Values: mean ± sample std (ddof=1) over the finished seeds (number in 'seeds')"
+    if unit:
+        stats += f"; HD95 / ASD in {unit}" + (" (the HDF5 volumes carry no voxel spacing)" if unit == "pixel" else "")
+    parts.append(stats + ".")
+    reported = [r for r in (papers.rows if papers else ()) if r.setting == setting.name]
+    if reported:
+        parts.append(
+            "Rows 'reported in' are the papers' own numbers (their budgets, networks and test splits; see "
+            f"{papers.path.name if papers else ''}): a reference, not a like-for-like comparison."
+        )
+    elif papers is not None:
+        parts.append(
+            f"Papers' numbers: none recorded for this setting in {papers.path.name} (see its not_recorded list)."
+        )
+    return " ".join(parts)
+
+
+def _size_text(size: str) -> str:
+    return "images at their original size" if size == "original" else f"images resized to {size} px (longer side)"
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _columns(setting: Setting, unit: str | None) -> list[tuple[str, str, bool]]:
+    out = []
+    for col in COLUMNS[setting.task]:
+        header = f"{col.header} ({unit})" if col.distance and unit else col.header
+        out.append((col.metric, header, col.distance))
+    return out
+
+
+def markdown(matrix: Matrix, profile: Profile, results: list[RunResult], papers: PaperNumbers | None) -> str:
+    """``table.md``: one section per setting, then the failures."""
+    lines = [f"# Reproduction table: profile `{profile.name}`", "",
+             f"Matrix `{matrix.path.name}`, profile `{profile.path.name}`"
+             + (f", papers' numbers `{papers.path.name}`" if papers else "") + ".", ""]
+    failures: list[RunResult] = []
+    for setting in matrix.settings.values():
+        rows = build_rows(setting, results, papers)
+        cols = _columns(setting, _unit(results, setting))
+        lines += [f"## {setting.name}: {setting.title}", ""]
+        lines.append("| method | seeds | iters | " + " | ".join(h for _, h, _ in cols) + " |")
+        lines.append("|" + " --- |" * (3 + len(cols)))
+        for row in rows:
+            if row.kind == "measured" and not row.seeds_finished:
+                cells = [row.status + (" (see failures)" if row.seeds_failed else "")] + [DASH] * (len(cols) - 1)
+            else:
+                cells = [_fmt(row.stats.get(m), d) for m, _, d in cols]
+            iters = row.iterations if row.kind == "measured" else DASH
+            lines.append(f"| {row.label} | {row.seeds_cell()} | {iters} | " + " | ".join(cells) + " |")
+            failures += row.failures
+        lines += ["", caption(setting, results, profile, papers), ""]
+    if failures:
+        lines += ["## Failures", ""]
+        for result in failures:
+            record = result.failure or {}
+            lines.append(f"- **{result.plan.label}** FAILED: {record.get('message', '?')}; stderr `{record.get('stderr')}`"
+                         + (f", stdout `{record['stdout']}`" if record.get("stdout") else ""))
+            tail = str(record.get("stderr_tail") or "").strip()
+            if tail:
+                lines += ["", "  ```", *(f"  {line}" for line in tail.splitlines()), "  ```"]
+        lines.append("")
+    if papers is not None and papers.not_recorded:
+        lines += ["## Papers' numbers not recorded", ""]
+        for item in papers.not_recorded:
+            lines.append(f"- {item.get('source', '')} {item.get('setting', '')}: {item['what']}: {item['why']}".strip())
+        lines.append("")
+    return "\n".join(lines)
+
+
+_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$",
+                "–": "--", "`": ""}
+
+
+def tex_escape(text: str) -> str:
+    return "".join(_TEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def latex(matrix: Matrix, profile: Profile, results: list[RunResult], papers: PaperNumbers | None) -> str:
+    """``table.tex``: one booktabs table per setting (needs ``\\usepackage{booktabs}``)."""
+    out = [f"% Reproduction table, profile {profile.name}; written by python -m kdseg.reproduce. Needs booktabs."]
+    for setting in matrix.settings.values():
+        rows = build_rows(setting, results, papers)
+        cols = _columns(setting, _unit(results, setting))
+        out += [r"\begin{table}[t]", r"\centering", r"\small",
+                r"\begin{tabular}{l" + "c" * (2 + len(cols)) + "}", r"\toprule",
+                " & ".join(["Method", "Seeds", "Iters", *(tex_escape(h) for _, h, _ in cols)]) + r" \\", r"\midrule"]
+        for row in rows:
+            if row.kind == "reported" and rows and row is next(r for r in rows if r.kind == "reported"):
+                out.append(r"\midrule")
+            if row.kind == "measured" and not row.seeds_finished:
+                cells = [rf"\multicolumn{{{len(cols)}}}{{c}}{{{tex_escape(row.status)}}}"]
+            else:
+                cells = [tex_escape(_fmt(row.stats.get(m), d)) for m, _, d in cols]
+            iters = tex_escape(row.iterations) if row.kind == "measured" else "--"
+            out.append(" & ".join([tex_escape(row.label), tex_escape(row.seeds_cell()), iters, *cells]) + r" \\")
+        out += [r"\bottomrule", r"\end{tabular}",
+                rf"\caption{{{tex_escape(setting.title)}. {tex_escape(caption(setting, results, profile, papers))}}}",
+                rf"\label{{tab:reproduce-{setting.name.replace('_', '-')}}}", r"\end{table}", ""]
+    return "\n".join(out)
+
+
+def csv_rows(matrix: Matrix, results: list[RunResult], papers: PaperNumbers | None) -> tuple[list[str], list[dict[str, Any]]]:
+    """Header and rows of ``table.csv``."""
+    metrics: list[str] = []
+    for setting in matrix.settings.values():
+        for col in COLUMNS[setting.task]:
+            if col.metric not in metrics:
+                metrics.append(col.metric)
+    for setting in matrix.settings.values():
+        for m in sorted(KNOWN_METRICS[setting.task]):
+            if m not in metrics:
+                metrics.append(m)
+    header = ["setting", "method", "label", "kind", "status", "seeds_finished", "seeds_failed", "seeds_planned",
+              "iterations", "distance_unit", "source", "where"]
+    header += [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]
+    out = []
+    for setting in matrix.settings.values():
+        unit = _unit(results, setting) or ""
+        for row in build_rows(setting, results, papers):
+            line: dict[str, Any] = {
+                "setting": row.setting, "method": row.method, "label": row.label, "kind": row.kind,
+                "status": row.status, "seeds_finished": row.seeds_finished if row.kind == "measured" else "",
+                "seeds_failed": row.seeds_failed if row.kind == "measured" else "",
+                "seeds_planned": row.seeds_planned if row.kind == "measured" else "",
+                "iterations": row.iterations, "distance_unit": unit if row.kind == "measured" else "",
+                "source": row.reported.citation if row.reported else "",
+                "where": row.reported.where if row.reported else "",
+            }
+            for metric, stat in row.stats.items():
+                line[f"{metric}_mean"] = f"{stat.mean:.6g}"
+                line[f"{metric}_std"] = "" if stat.std is None else f"{stat.std:.6g}"
+                line[f"{metric}_n"] = stat.n
+            out.append(line)
+    return header, out
+
+
+def write_tables(results_dir: Path, matrix: Matrix, profile: Profile, results: list[RunResult],
+                 papers: PaperNumbers | None) -> dict[str, Path]:
+    """Writes ``table.md`` / ``table.csv`` / ``table.tex`` / ``runs.csv`` and the per-run metrics
+    files under ``results_dir``; returns the table paths. Tables are rewritten on each call: they
+    are a view of the run folders, which hold the results."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": results_dir / "table.md", "csv": results_dir / "table.csv", "tex": results_dir / "table.tex"}
+    paths["md"].write_text(markdown(matrix, profile, results, papers))
+    paths["tex"].write_text(latex(matrix, profile, results, papers))
+    header, rows = csv_rows(matrix, results, papers)
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    _write_runs_csv(results_dir / "runs.csv", results)
+    _copy_run_files(results_dir / "runs", results)
+    return paths
+
+
+def _write_runs_csv(path: Path, results: list[RunResult]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["setting", "method", "seed", "status", "seconds", "keys", "folder", "checkpoint",
+                         "failure", "stderr_log"])
+        for r in results:
+            failure = r.failure or {}
+            writer.writerow([
+                r.plan.setting.name, r.plan.method.name, r.plan.seed, r.status, f"{r.seconds:.0f}",
+                "+".join(str(s.key) for s in r.plan.stages), r.folder or "", r.result.get("checkpoint", ""),
+                failure.get("message", ""), failure.get("stderr", ""),
+            ])
+
+
+def _copy_run_files(target_root: Path, results: list[RunResult]) -> None:
+    for r in results:
+        if not r.has_metrics or r.folder is None:
+            continue
+        target = target_root / r.plan.setting.name / r.plan.method.name / f"seed{r.plan.seed}"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("test_metrics.json", "test_cases.csv", "result.json"):
+            if (r.folder / name).is_file():
+                shutil.copyfile(r.folder / name, target / name)

@@ -1,0 +1,321 @@
+"""``make reproduce-table`` (``python -m kdseg.reproduce``) on the smoke profile: tables and figures
+with real numbers, kill-and-resume, a failing entry, and the config key that names run folders.
+
+The end-to-end tests share one sequence (module fixture), because every ``kdseg`` subprocess
+costs seconds of imports: run A is killed (SIGKILL to its process group, like a crash or a closed
+terminal) once the first run has finished *and* ACTION's first stage has written a checkpoint
+mid-fit; run B then finishes the rest. The selection is a subset of the real matrix plus one
+entry with a bad override (``crop_size`` larger than the images), which must fail alone.
+The whole smoke matrix runs behind the ``slow`` marker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from kdseg.reproduce.config_key import config_key, normalized_config, resolve_config
+from kdseg.reproduce.spec import SpecError, load_matrix, load_paper_numbers, load_profile, profile_path
+
+MATRIX = REPO / "experiments" / "reproduce" / "matrix.yaml"
+PAPERS = REPO / "experiments" / "reproduce" / "paper_numbers.yaml"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+#: ACTION's stage 1 long enough, and validated often enough, to be caught with a checkpoint mid-fit.
+SLOW_STAGE1 = ["--set", "action_stage1_steps=16", "action_stage1_val_every=2"]
+ONLY = ["acdc_scribble/pce", "acdc_semi_3/action", "cervical/supervised", "cervical/broken"]
+
+
+def reproduce_cmd(out: Path, results: Path, *extra: str, jobs: int = 2) -> list[str]:
+    """The command ``make reproduce-table PROFILE=smoke JOBS=<jobs>`` runs, into tmp folders."""
+    return [sys.executable, "-m", "kdseg.reproduce", "--profile", "smoke", "--jobs", str(jobs), "--threads", "1",
+            "--out", str(out), "--results", str(results), *extra]
+
+
+def test_makefile_target_runs_the_module_this_way() -> None:
+    text = (REPO / "Makefile").read_text()
+    assert "reproduce-table: $(STAMP)" in text
+    assert "$(PY) -m kdseg.reproduce --profile $(PROFILE) --jobs $(JOBS) $(REPRODUCE_ARGS)" in text
+    assert "PROFILE ?= cpu" in text
+
+
+@dataclass
+class Sequence:
+    out: Path
+    results: Path
+    log_a: str
+    log_b: str
+    rc_b: int
+    finished_snapshot: dict[Path, int]
+    finished_folder: Path
+    stage1_folder: Path
+    stage1_snapshot: dict[Path, int]
+
+
+def _snapshot(folder: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sequence(tmp_path_factory: pytest.TempPathFactory) -> Sequence:
+    root = tmp_path_factory.mktemp("reproduce")
+    out, results = root / "out", root / "results"
+    matrix = yaml.safe_load(MATRIX.read_text())
+    matrix["settings"]["cervical"]["methods"]["broken"] = {
+        "label": "Mask R-CNN (bad override)",
+        "stages": [{"config": "experiments/isbi2014/supervised.yaml",
+                    "overrides": ["--data.init_args.crop_size=100"]}],
+    }
+    # (Profile overrides come after the matrix's: the bad value is one the smoke profile leaves alone.)
+    matrix_file = root / "matrix.yaml"
+    matrix_file.write_text(yaml.safe_dump(matrix, sort_keys=False))
+    papers = yaml.safe_load(PAPERS.read_text())
+    papers["sources"]["fixture"] = {"citation": "test fixture, not a paper", "short": "Fixture 2000"}
+    papers["reported"] = {"acdc_scribble": [
+        {"method": "pce", "label": "pCE", "source": "fixture", "where": "Table 9", "metrics": {"dice_mean": 0.5}}
+    ]}
+    papers_file = root / "papers.yaml"
+    papers_file.write_text(yaml.safe_dump(papers, sort_keys=False))
+    extra = ["--matrix", str(matrix_file), "--papers", str(papers_file), *SLOW_STAGE1, "--only", *ONLY]
+
+    # Run A: killed once pce finished and ACTION stage 1 is mid-fit with a last.ckpt.
+    log_a_file = root / "a.log"
+    with log_a_file.open("w") as log:
+        proc = subprocess.Popen(reproduce_cmd(out, results, *extra, jobs=1), cwd=REPO, env=ENV, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                finished = list((out / "runs").glob("pce-*/test_metrics.json"))
+                caught = list((out / "runs").glob("action_stage1-*/fit/version_0/checkpoints/last.ckpt"))
+                if finished and caught:
+                    break
+                time.sleep(0.05)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # it may have ended by itself (then the assert says so)
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log_a = log_a_file.read_text()
+    assert finished and caught, f"run A never reached the point to interrupt:\n{log_a}"
+    finished_folder = finished[0].parent
+    stage1_folder = caught[0].parents[3]
+    finished_snapshot, stage1_snapshot = _snapshot(finished_folder), _snapshot(stage1_folder / "fit" / "version_0")
+
+    # Run B: the rest.
+    b = subprocess.run(reproduce_cmd(out, results, *extra), cwd=REPO, env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    return Sequence(out, results / "smoke", log_a, b.stdout + b.stderr, b.returncode, finished_snapshot,
+                    finished_folder, stage1_folder, stage1_snapshot)
+
+
+def _table(results: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with (results / "table.csv").open() as f:
+        return {(r["setting"], r["method"] if r["kind"] == "measured" else "reported:" + r["method"]): r
+                for r in csv.DictReader(f)}
+
+
+def _number(row: dict[str, str], metric: str) -> float:
+    return float(row[f"{metric}_mean"])
+
+
+def test_smoke_table_and_figures_have_real_numbers(sequence: Sequence) -> None:
+    results = sequence.results
+    for name in ("table.md", "table.csv", "table.tex", "runs.csv"):
+        assert (results / name).is_file(), name
+    table = _table(results)
+    for setting, method in (("acdc_scribble", "pce"), ("acdc_semi_3", "action")):
+        row = table[(setting, method)]
+        assert row["status"] == "ok" and row["seeds_finished"] == "1", row
+        for metric in ("dice_RV", "dice_Myo", "dice_LV", "dice_mean"):
+            value = _number(row, metric)
+            assert math.isfinite(value) and 0.0 <= value <= 1.0, (setting, method, metric, value)
+        for metric in ("hd95_mean", "asd_mean"):
+            assert math.isfinite(_number(row, metric)) and _number(row, metric) >= 0
+        assert row["distance_unit"] == "pixel"  # phantom volumes in the HDF5 layout carry no spacing
+    assert table[("acdc_semi_3", "action")]["iterations"] == "16+4+4"
+    cervical = table[("cervical", "supervised")]
+    assert cervical["status"] == "ok"
+    for metric in ("aji_mean", "map_mean", "ap50_mean", "f1_mean", "dice_mean"):
+        assert 0.0 <= _number(cervical, metric) <= 1.0, metric
+    # Entries left out by --only are listed, not dropped; the papers' row is marked as reported.
+    assert table[("acdc_scribble", "dmpls")]["status"] == "not run"
+    reported = table[("acdc_scribble", "reported:pce")]
+    assert reported["kind"] == "reported" and reported["where"] == "Table 9" and _number(reported, "dice_mean") == 0.5
+    md = (results / "table.md").read_text()
+    assert "| pCE (reported in Fixture 2000, Table 9) |" in md
+    assert "Profile `smoke`" in md and "best checkpoint by val/dice_mean" in md and "val/aji_mean" in md
+    assert "validation for checkpoint selection 2 patients" in md
+    tex = (results / "table.tex").read_text()
+    assert tex.count(r"\begin{tabular}") == 4 and r"\caption{ACDC, scribble supervision." in tex
+    # Per-run metrics copied beside the tables.
+    assert json.loads((results / "runs/acdc_scribble/pce/seed0/test_metrics.json").read_text())["per_class"]
+
+    from skimage import io
+
+    for setting in ("acdc_scribble", "acdc_semi_3", "cervical"):
+        for kind in ("qualitative", "val_dice_curves"):
+            image = io.imread(results / "figures" / f"{kind}_{setting}.png")
+            assert image.ndim == 3 and min(image.shape[:2]) > 100, (kind, setting)
+    assert not (results / "figures" / "qualitative_acdc_semi_7.png").exists()  # nothing finished there
+
+
+def test_resume_after_kill_runs_only_what_remained(sequence: Sequence) -> None:
+    log_a, log_b = sequence.log_a, sequence.log_b
+    assert "acdc_scribble pce seed 0 finished" in log_a
+    assert "acdc_scribble pce seed 0 skipped (finished)" in log_b
+    assert "acdc_scribble pce seed 0 started" not in log_b
+    # The finished run's folder is untouched; the interrupted fit resumed from its last.ckpt in a
+    # new version folder, leaving the old one as it was.
+    assert _snapshot(sequence.finished_folder) == sequence.finished_snapshot
+    assert f"fit resumes from {sequence.stage1_folder}/fit/version_0/checkpoints/" in log_b
+    assert (sequence.stage1_folder / "fit" / "version_1" / "config.yaml").is_file()
+    assert _snapshot(sequence.stage1_folder / "fit" / "version_0") == sequence.stage1_snapshot
+    done = json.loads((sequence.stage1_folder / "fit.done.json").read_text())
+    assert Path(done["last"]).parent == sequence.stage1_folder / "fit" / "version_1" / "checkpoints"
+    import torch
+
+    assert torch.load(done["last"], map_location="cpu", weights_only=False)["global_step"] == 16
+    assert "acdc_semi_3 action seed 0 finished" in log_b
+    assert "cervical supervised seed 0 finished" in log_b
+
+
+def test_failing_run_is_reported_and_the_others_finish(sequence: Sequence) -> None:
+    assert sequence.rc_b == 1, sequence.log_b
+    assert "cervical broken seed 0 FAILED" in sequence.log_b
+    md = (sequence.results / "table.md").read_text()
+    broken_row = next(line for line in md.splitlines() if line.startswith("| Mask R-CNN (bad override) |"))
+    assert "FAILED" in broken_row
+    failures = md.split("## Failures", 1)[1]
+    assert "cervical broken seed 0" in failures and "crop_size=100" in failures
+    with (sequence.results / "runs.csv").open() as f:
+        runs = {(r["setting"], r["method"]): r for r in csv.DictReader(f)}
+    broken = runs[("cervical", "broken")]
+    assert broken["status"] == "failed" and Path(broken["stderr_log"]).is_file()
+    assert "crop_size=100" in Path(broken["stderr_log"]).read_text()
+    for key in (("acdc_scribble", "pce"), ("acdc_semi_3", "action"), ("cervical", "supervised")):
+        assert runs[key]["status"] in ("finished", "skipped"), key
+
+
+# --------------------------------------------------------------------------- the config key
+
+
+def _phantom_args(*extra: str) -> list[str]:
+    return [f"--config={REPO / 'experiments/phantom/supervised.yaml'}", *extra]
+
+
+def test_config_key_follows_what_changes_results(tmp_path: Path) -> None:
+    base = resolve_config(_phantom_args())
+    assert config_key(base) == config_key(resolve_config(_phantom_args()))
+    assert config_key(base) != config_key(resolve_config(_phantom_args("--model.init_args.lr=0.02")))
+    assert config_key(base) != config_key(resolve_config(_phantom_args("--seed_everything=1")))
+    # Where and how the run reports does not change the key.
+    moved = resolve_config(_phantom_args(
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.name=elsewhere",
+        "--trainer.enable_progress_bar=false", f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+    ))
+    assert config_key(base) == config_key(moved)
+    assert "logger" not in normalized_config(moved)["trainer"]
+    # Split files count by content, not path.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder, patients in (("a", "p1\np2\n"), ("b", "p1\np2\n")):
+        (tmp_path / folder / "train.txt").write_text(patients)
+    acdc = REPO / "experiments/acdc/pce.yaml"
+    key_a = config_key(resolve_config([f"--config={acdc}", f"--data.init_args.train_split={tmp_path / 'a/train.txt'}"]))
+    key_b = config_key(resolve_config([f"--config={acdc}", f"--data.init_args.train_split={tmp_path / 'b/train.txt'}"]))
+    assert key_a == key_b
+    (tmp_path / "b" / "train.txt").write_text("p1\np3\n")
+    key_c = config_key(resolve_config([f"--config={acdc}", f"--data.init_args.train_split={tmp_path / 'b/train.txt'}"]))
+    assert key_c != key_a
+
+
+# --------------------------------------------------------------------------- the declared files
+
+
+def test_shipped_matrix_profiles_and_papers_file_load() -> None:
+    matrix = load_matrix(MATRIX)
+    assert {"acdc_scribble", "acdc_semi_3", "acdc_semi_7", "cervical"} <= set(matrix.settings)
+    assert {"pce", "pce_em", "dmpls", "scribsd_plus"} <= set(matrix.settings["acdc_scribble"].methods)
+    action = matrix.settings["acdc_semi_7"].methods["action"]
+    assert [s.config.stem for s in action.stages] == ["action_stage1", "action_stage2", "action_stage3"]
+    assert [s.hand_on for s in action.stages[:2]] == ["last", "best"]
+    for name in ("smoke", "cpu", "paper"):
+        profile = load_profile(profile_path(name, REPO / "experiments/reproduce/profiles"), matrix)
+        assert profile.data.keys() == {"acdc", "isbi2014"}
+    papers = load_paper_numbers(PAPERS, matrix)
+    assert papers.sources and papers.not_recorded
+
+
+def test_bad_files_fail_with_the_file_and_entry_named(tmp_path: Path) -> None:
+    def write(name: str, content: object) -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(content))
+        return path
+
+    good_stage = {"config": str(REPO / "experiments/acdc/pce.yaml")}
+    bad = write("m1.yaml", {"settings": {"s": {"task": "semantic", "data": "acdc", "methods": {
+        "m": {"stages": [good_stage, {"config": "experiments/acdc/nope.yaml"}]}}}}})
+    with pytest.raises(SpecError, match=r"m1.yaml: settings.s.methods.m: stage 2: config: experiments/acdc/nope.yaml does not exist"):
+        load_matrix(bad)
+    bad = write("m2.yaml", {"settings": {"s": {"task": "semantic", "data": "acdc", "methods": {
+        "m": {"stages": [{**good_stage, "overrides": ["lr=0.1"]}]}}}}})
+    with pytest.raises(SpecError, match=r"m2.yaml: settings.s.methods.m: stage 1: overrides: 'lr=0.1' is not"):
+        load_matrix(bad)
+    matrix = load_matrix(write("m3.yaml", {"settings": {"s": {"task": "semantic", "data": "acdc", "methods": {
+        "m": {"stages": [good_stage]}}}}}))
+    profile = {"description": "d", "device": "cpu", "data": {"acdc": {"root": "x"}}}
+    with pytest.raises(SpecError, match=r"p1.yaml: overrides\[0\]: unknown variable \$\{steps\}"):
+        load_profile(write("p1.yaml", {**profile, "overrides": ["--trainer.max_steps=${steps}"]}), matrix)
+    with pytest.raises(SpecError, match=r"p2.yaml: settings.other: no such setting"):
+        load_profile(write("p2.yaml", {**profile, "settings": {"other": {}}}), matrix)
+    with pytest.raises(SpecError, match=r"p3.yaml: top level: unknown key\(s\) \['step'\]"):
+        load_profile(write("p3.yaml", {**profile, "step": 3}), matrix)
+    with pytest.raises(SpecError, match=r"n1.yaml: reported.s\[0\].metrics: unknown or no metric ids \['dice'\]"):
+        load_paper_numbers(write("n1.yaml", {"sources": {"x": {"citation": "c"}}, "reported": {"s": [
+            {"method": "m", "source": "x", "where": "Table 1", "metrics": {"dice": 0.9}}]}}), matrix)
+
+
+def test_missing_real_data_is_a_clear_error(tmp_path: Path) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({
+        "description": "d", "device": "cpu",
+        "data": {"acdc": {"root": str(tmp_path / "nowhere")}, "isbi2014": {"phantom": True}},
+    }))
+    run = subprocess.run(
+        [sys.executable, "-m", "kdseg.reproduce", "--profile", str(profile), "--out", str(tmp_path / "o"),
+         "--results", str(tmp_path / "r"), "--threads", "1", "--only", "acdc_scribble", "--dry-run"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 2
+    assert f"data.acdc.root {tmp_path / 'nowhere'} holds no ACDC data" in run.stderr
+    assert "PROFILE=smoke" in run.stderr
+
+
+@pytest.mark.slow
+def test_whole_smoke_matrix(tmp_path: Path) -> None:
+    """``make reproduce-table PROFILE=smoke``: every entry of the shipped matrix, then a second call
+    that finds everything finished."""
+    cmd = reproduce_cmd(tmp_path / "out", tmp_path / "results")
+    first = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1800)
+    assert first.returncode == 0, first.stdout + first.stderr
+    table = _table(tmp_path / "results" / "smoke")
+    matrix = load_matrix(MATRIX)
+    for setting in matrix.settings.values():
+        for method in setting.methods:
+            assert table[(setting.name, method)]["status"] == "ok", (setting.name, method)
+        for kind in ("qualitative", "val_dice_curves"):
+            assert (tmp_path / "results" / "smoke" / "figures" / f"{kind}_{setting.name}.png").is_file()
+    second = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "started" not in second.stdout, second.stdout
