@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 KDSEG = Path(sys.executable).with_name("kdseg")
 PROFILE = REPO / "experiments/profiles/cpu_scribble.yaml"
+VAL_EVERY = 500  # trainer.val_check_interval of PROFILE
 
 #: ramp-up lengths at the CPU budget (the paper configs ramp over 20% / 100% of 60k steps).
 RAMPS = {
@@ -62,6 +63,18 @@ def run(method: str, seed: int, root: Path, out: Path) -> dict:
     return result
 
 
+def evaluated_step(run_root: Path) -> int | None:
+    """The training step of the ``last.ckpt`` a run was tested with. Before ``LatestCheckpoint``
+    (kdseg.callbacks.latest_checkpoint), Lightning rewrote ``last.ckpt`` only when validation Dice
+    improved, so runs of that time were tested at their latest improving validation."""
+    import torch
+
+    checkpoints = sorted(run_root.glob("version_*/checkpoints/last.ckpt"))
+    if not checkpoints:
+        return None
+    return int(torch.load(checkpoints[-1], map_location="cpu", weights_only=False, mmap=True)["global_step"])
+
+
 def tabulate(out: Path, results_dir: Path, methods: list[str]) -> Path:
     """Collects every finished run under ``out`` into ``results_dir``: each run's
     ``test_metrics.json`` / ``test_cases.csv`` and a markdown table (mean +- std over seeds)."""
@@ -77,9 +90,15 @@ def tabulate(out: Path, results_dir: Path, methods: list[str]) -> Path:
             if not files:  # a run finished earlier whose run folder is gone: its copied metrics
                 kept = results_dir / name / "test_metrics.json"
                 if kept.exists():
-                    runs.append(json.loads(kept.read_text()))
+                    metrics = json.loads(kept.read_text())
+                    curve = metrics.get("val_dice_curve")
+                    if "evaluated_step" not in metrics and curve:
+                        # Pre-LatestCheckpoint run: last.ckpt held the first maximum of the curve.
+                        metrics["evaluated_step"] = f"{VAL_EVERY * (curve.index(max(curve)) + 1)} (inferred)"
+                    runs.append(metrics)
                 continue
             metrics = json.loads(files[-1].read_text())
+            metrics.setdefault("evaluated_step", evaluated_step(out / name))
             target = results_dir / name
             target.mkdir(exist_ok=True)
             (target / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -88,7 +107,7 @@ def tabulate(out: Path, results_dir: Path, methods: list[str]) -> Path:
                 (target / "test_cases.csv").write_text(cases.read_text())
             runs.append(metrics)
         if not runs:
-            rows.append(f"| {method} | not run |" + " |" * 10)
+            rows.append(f"| {method} | not run |" + " |" * 11)
             continue
         cells = []
         for metric in ("dice", "hd95"):
@@ -100,15 +119,18 @@ def tabulate(out: Path, results_dir: Path, methods: list[str]) -> Path:
             cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f}")
         best = [r.get("best_val_dice_during_training") or float("nan") for r in runs]
         cells.append(f"{np.mean(best):.3f}")
+        cells.append(" / ".join(str(r.get("evaluated_step", "?")) for r in runs))
         rows.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
     table = results_dir / "table.md"
     header = (
         "| method | seeds | Dice RV | Dice Myo | Dice LV | HD95 RV (px) | HD95 Myo (px) | HD95 LV (px) "
-        "| Dice mean | HD95 mean (px) | ASD mean (px) | best val Dice in training |\n"
-        "|" + " --- |" * 12 + "\n"
+        "| Dice mean | HD95 mean (px) | ASD mean (px) | best val Dice in training | step tested (per seed) |\n"
+        "|" + " --- |" * 13 + "\n"
     )
     footer = (
-        "\nReal ACDC scribbles (70 train patients), last checkpoint evaluated on the 20 validation volumes; "
+        "\nReal ACDC scribbles (70 train patients), `last.ckpt` evaluated on the 20 validation volumes (the step it "
+        "holds is in the last column: runs of 2026-11-24 predate kdseg's LatestCheckpoint, when Lightning kept the "
+        "latest *improving* state there); "
         "budget `experiments/profiles/cpu_scribble.yaml` (128x128, MobileNetV3-small U-Net, batch 8, 1500 steps, "
         "CPU). Distances in pixels (the HDF5 volumes carry no spacing). 'not run': no finished run at this "
         "budget; stopped runs are described in `scribsd_plus_runs.md`.\n"

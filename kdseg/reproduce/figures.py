@@ -198,13 +198,7 @@ def _acdc_panels(setting: Setting, methods: list[tuple[str, RunResult]], cache_d
     cases = dm.test_volumes[:2]
     columns = ["image", "ground truth"] + [label for label, _ in methods]
     rows: list[list[Any]] = []
-    predictions: dict[str, Path | str] = {}
-    for label, result in methods:
-        try:
-            predictions[label] = predict_once(result, cache_dir, [f"--data.init_args.predict_split={split_file}"])
-        except Exception as error:  # the figure goes on without this method
-            predictions[label] = f"prediction failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
-            warn(f"figures: {setting.name} {label}: {predictions[label]}")
+    predictions = _predict_all(setting, methods, cache_dir, [f"--data.init_args.predict_split={split_file}"], warn)
     for volume in cases:
         label_volume = np.asarray(volume.label)
         z = int(np.argmax((label_volume > 0).reshape(label_volume.shape[0], -1).sum(axis=1)))
@@ -225,6 +219,19 @@ def _acdc_panels(setting: Setting, methods: list[tuple[str, RunResult]], cache_d
     return columns, rows
 
 
+def _predict_all(setting: Setting, methods: list[tuple[str, RunResult]], cache_dir: Path, extra: list[str],
+                 warn: Callable[[str], None]) -> dict[str, Path | str]:
+    """Each method's prediction folder, or the reason it has none: the figure goes on without it."""
+    predictions: dict[str, Path | str] = {}
+    for label, result in methods:
+        try:
+            predictions[label] = predict_once(result, cache_dir, extra)
+        except Exception as error:
+            predictions[label] = f"prediction failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            warn(f"figures: {setting.name} {label}: {predictions[label]}")
+    return predictions
+
+
 def _instance_panels(setting: Setting, methods: list[tuple[str, RunResult]], cache_dir: Path,
                      warn: Callable[[str], None]) -> tuple[list[str], list[list[Any]]]:
     from kdseg.methods.instance_base import overlay_instances, safe_name
@@ -235,13 +242,7 @@ def _instance_panels(setting: Setting, methods: list[tuple[str, RunResult]], cac
     dm.load()
     cases = sorted(dm.test_samples, key=lambda s: s.image_id)[:2]
     columns = ["image", "ground truth"] + [label for label, _ in methods]
-    predictions: dict[str, Path | str] = {}
-    for label, result in methods:
-        try:
-            predictions[label] = predict_once(result, cache_dir, [])
-        except Exception as error:
-            predictions[label] = f"prediction failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
-            warn(f"figures: {setting.name} {label}: {predictions[label]}")
+    predictions = _predict_all(setting, methods, cache_dir, [], warn)
     rows: list[list[Any]] = []
     for sample in cases:
         row: list[Any] = [("gray", sample.image, str(sample.image_id)),
