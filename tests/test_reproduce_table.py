@@ -319,3 +319,23 @@ def test_whole_smoke_matrix(tmp_path: Path) -> None:
             assert (tmp_path / "results" / "smoke" / "figures" / f"{kind}_{setting.name}.png").is_file()
     second = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "started" not in second.stdout, second.stdout
+
+
+def test_a_fit_stopped_by_sigterm_is_not_finished(tmp_path: Path) -> None:
+    """Lightning exits 0 after SIGTERM; the state in last.ckpt then holds fewer steps than
+    max_steps, and the runner must resume that fit, not record it as done."""
+    import torch
+
+    from kdseg.reproduce.execute import unfinished_training
+
+    config = tmp_path / "config.yaml"
+    config.write_text("trainer:\n  max_steps: 10\n")
+    last = tmp_path / "last.ckpt"
+    done = {"last": str(last), "config": str(config)}
+    torch.save({"global_step": 4}, last)
+    assert unfinished_training(done) == "fit stopped at step 4 of 10 (interrupted)"
+    torch.save({"global_step": 10}, last)
+    assert unfinished_training(done) is None
+    config.write_text("trainer:\n  max_steps: -1\n  max_epochs: 3\n")  # epoch-bounded: not judged by steps
+    torch.save({"global_step": 4}, last)
+    assert unfinished_training(done) is None

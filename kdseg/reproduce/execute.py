@@ -148,6 +148,25 @@ def latest_state_checkpoint(folder: Path) -> Path | None:
     return None
 
 
+def unfinished_training(done: dict[str, Any]) -> str | None:
+    """Why a fit that exited 0 did not train to its end, or None when it did.
+
+    Lightning ends a fit gracefully, with exit status 0, on SIGTERM (a stopped runner, a
+    preempted job): the state then holds fewer steps than ``trainer.max_steps``. Such a fit must
+    be resumed, not taken as finished. Checked on ``last.ckpt``, which holds the final state.
+    """
+    import torch
+    import yaml
+
+    if not done.get("last") or not done.get("config"):
+        return None
+    max_steps = (yaml.safe_load(Path(done["config"]).read_text()).get("trainer") or {}).get("max_steps")
+    if not isinstance(max_steps, int) or max_steps <= 0:
+        return None  # an epoch-bounded fit: nothing to compare with
+    step = int(torch.load(done["last"], map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    return None if step >= max_steps else f"fit stopped at step {step} of {max_steps} (interrupted)"
+
+
 def summarize_checkpoints(folder: Path, monitor: str, mode: str) -> dict[str, Any]:
     """Best (by ``monitor``, over every version folder) and latest-state checkpoint of a stage."""
     versions = fit_versions(folder)
@@ -448,6 +467,13 @@ class Executor:
             raise StageFailed({
                 "phase": "checkpoints", "stage": stage.index, "folder": str(folder), "returncode": rc,
                 "message": f"fit exited 0 but left no {needs} checkpoint scored by {monitor} in {folder / 'fit'}",
+                "stdout": str(out), "stderr": str(err), "stderr_tail": _tail(err),
+            })
+        stopped = "the runner was stopped" if self._stop.is_set() else unfinished_training(done)
+        if stopped:  # resumed from last.ckpt on the next call; never recorded as finished
+            raise StageFailed({
+                "phase": "fit", "stage": stage.index, "folder": str(folder), "returncode": rc,
+                "message": f"stage {stage.index}/{stage.count}: {stopped}",
                 "stdout": str(out), "stderr": str(err), "stderr_tail": _tail(err),
             })
         _write_json(folder / "fit.done.json", done)
