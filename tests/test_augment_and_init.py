@@ -51,3 +51,15 @@ def test_init_weights_from_copies_student_into_student_and_teacher(in_tmp_cwd: P
         torch.testing.assert_close(value, source[key], rtol=0, atol=0)
     for key, value in model.ema_teacher.state_dict().items():
         torch.testing.assert_close(value, source[key], rtol=0, atol=0)
+
+
+def test_clipped_gaussian_noise_is_bounded_and_off_at_zero_std() -> None:
+    from kdseg.data.augment import clipped_gaussian_noise
+
+    torch.manual_seed(0)
+    images = torch.rand(4, 1, 16, 16)
+    noisy = clipped_gaussian_noise(images, std=0.1, clip=0.2)
+    difference = noisy - images
+    assert difference.abs().max() <= 0.2 + 1e-7 and difference.abs().max() > 0.15  # clipped, not tiny
+    assert abs(difference.std().item() - 0.1) < 0.02
+    assert clipped_gaussian_noise(images, std=0.0, clip=0.2) is images

@@ -130,3 +130,15 @@ def random_erasing(images: Tensor, p: float = 0.5, area_range: tuple[float, floa
     use = torch.rand(n, device=images.device, generator=generator) < p
     box = box & use[:, None, None]
     return images.masked_fill(box[:, None], value)
+
+
+def clipped_gaussian_noise(images: Tensor, std: float, clip: float) -> Tensor:
+    """``images + clamp(N(0, std^2), -clip, clip)``: the mean-teacher input perturbation of
+    SSL4MIS (std 0.1, clip 0.2), shared by Mean Teacher, UA-MT's MC passes and ScribSD+.
+
+    Args:
+        images: ``(B, C, H, W)`` (any shape); returned unchanged when ``std <= 0``.
+    """
+    if std <= 0:
+        return images
+    return images + (torch.randn_like(images) * std).clamp(-clip, clip)

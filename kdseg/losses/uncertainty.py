@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from kdseg.data.augment import clipped_gaussian_noise
 from kdseg.losses.segmentation import sigmoid_rampup
 
 
@@ -48,7 +49,7 @@ def noisy_teacher_passes(
         raise ValueError(f"passes must be >= 1, got {passes}")
     b = image.shape[0]
     copies = image.repeat(passes + 1, 1, 1, 1)
-    logits = predict(copies + (torch.randn_like(copies) * noise_std).clamp(-noise_clip, noise_clip))
+    logits = predict(clipped_gaussian_noise(copies, noise_std, noise_clip))
     mc_probs = torch.softmax(logits[b:].float(), dim=1)
     return logits[:b], predictive_entropy(mc_probs.reshape(passes, b, *mc_probs.shape[1:]))
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kdseg.data.augment import clipped_gaussian_noise
 from kdseg.losses.segmentation import ce_dice_loss, sigmoid_rampup, softmax_mse
 from kdseg.methods.base import TeacherStudentMethod
 
@@ -53,8 +54,8 @@ class MeanTeacher(TeacherStudentMethod):
         logits = self.student(torch.cat([labeled["image"], unlabeled["image"]])).logits
         supervised = ce_dice_loss(logits[:n_labeled], labeled["target"])
 
-        noise = (torch.randn_like(unlabeled["image"]) * self.noise_std).clamp(-self.noise_clip, self.noise_clip)
-        teacher_logits = self.teacher_forward(unlabeled["image"] + noise).logits
+        noisy = clipped_gaussian_noise(unlabeled["image"], self.noise_std, self.noise_clip)
+        teacher_logits = self.teacher_forward(noisy).logits
         consistency = softmax_mse(logits[n_labeled:], teacher_logits)
 
         weight = self.consistency_weight_at(self.global_step)

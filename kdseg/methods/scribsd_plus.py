@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdseg.data.augment import clipped_gaussian_noise
 from kdseg.losses.contrastive import prototype_infonce_loss
 from kdseg.losses.distillation import feature_kd_loss, multiscale_kd_loss
 from kdseg.losses.segmentation import partial_cross_entropy, sigmoid_rampup
@@ -197,10 +198,9 @@ class ScribSDPlus(TeacherStudentMethod):
     def perturb(self, image: Tensor, side: str) -> Tensor:
         """``image`` plus clipped Gaussian noise ``clamp(N(0, s^2), -2s, 2s)`` when ``side`` is
         the network named by ``noise_on``, else ``image`` unchanged."""
-        if side != self.noise_on or self.noise_std <= 0:
+        if side != self.noise_on:
             return image
-        s = self.noise_std
-        return image + (torch.randn_like(image) * s).clamp(-2 * s, 2 * s)
+        return clipped_gaussian_noise(image, self.noise_std, 2 * self.noise_std)
 
     def ramp(self) -> float:
         return sigmoid_rampup(self.global_step, self.rampup_steps)

@@ -204,17 +204,11 @@ def _acdc_panels(setting: Setting, methods: list[tuple[str, RunResult]], cache_d
         z = int(np.argmax((label_volume > 0).reshape(label_volume.shape[0], -1).sum(axis=1)))
         image = np.asarray(volume.image[z], dtype=np.float32)
         row: list[Any] = [("gray", image, f"{volume.case_id} z={z}"), ("label", image, label_volume[z])]
-        for label, _ in methods:
-            found = predictions[label]
-            if isinstance(found, str):
-                row.append(("text", found))
-                continue
-            file = Path(found) / f"{volume.case_id}.h5"
-            if not file.is_file():
-                row.append(("text", f"no prediction file {file.name}"))
-                continue
+        def read_volume(file: Path, z: int = z, image: np.ndarray = image) -> tuple[Any, ...]:
             with h5py.File(file) as f:
-                row.append(("label", image, np.asarray(f["prediction"][z])))
+                return ("label", image, np.asarray(f["prediction"][z]))
+
+        row += [_prediction_panel(predictions[label], f"{volume.case_id}.h5", read_volume) for label, _ in methods]
         rows.append(row)
     return columns, rows
 
@@ -232,6 +226,16 @@ def _predict_all(setting: Setting, methods: list[tuple[str, RunResult]], cache_d
     return predictions
 
 
+def _prediction_panel(found: Path | str, filename: str, read: Callable[[Path], tuple[Any, ...]]) -> tuple[Any, ...]:
+    """One method's panel: ``read`` of its prediction file, or a text panel saying why there is none."""
+    if isinstance(found, str):
+        return ("text", found)
+    file = Path(found) / filename
+    if not file.is_file():
+        return ("text", f"no prediction file {file.name}")
+    return read(file)
+
+
 def _instance_panels(setting: Setting, methods: list[tuple[str, RunResult]], cache_dir: Path,
                      warn: Callable[[str], None]) -> tuple[list[str], list[list[Any]]]:
     from kdseg.methods.instance_base import overlay_instances, safe_name
@@ -247,17 +251,12 @@ def _instance_panels(setting: Setting, methods: list[tuple[str, RunResult]], cac
     for sample in cases:
         row: list[Any] = [("gray", sample.image, str(sample.image_id)),
                           ("rgb", overlay_instances(sample.image, sample.masks, sample.labels))]
-        for label, _ in methods:
-            found = predictions[label]
-            if isinstance(found, str):
-                row.append(("text", found))
-                continue
-            file = Path(found) / f"{safe_name(sample.image_id)}.npz"
-            if not file.is_file():
-                row.append(("text", f"no prediction file {file.name}"))
-                continue
+        def read_instances(file: Path, sample: Any = sample) -> tuple[Any, ...]:
             with np.load(file) as f:
-                row.append(("rgb", overlay_instances(sample.image, f["masks"], f["labels"])))
+                return ("rgb", overlay_instances(sample.image, f["masks"], f["labels"]))
+
+        row += [_prediction_panel(predictions[label], f"{safe_name(sample.image_id)}.npz", read_instances)
+                for label, _ in methods]
         rows.append(row)
     return columns, rows
 
