@@ -493,10 +493,14 @@ class HardNegativeSampler(nn.Module):
 
         with torch.no_grad():
             pools = _ClassPools(safe, ok, num_classes)
-            sums = torch.zeros(num_classes, d, device=device)
-            valid_rows = self._gather(view.detach(), pools.valid_idx).float()
-            sums.index_add_(0, pools.valid_labels, valid_rows)
-            del valid_rows
+            # One pixel-major copy of the (detached) embeddings: prototypes and the
+            # num_queries x num_negatives negative rows are then read as contiguous rows, which
+            # on CPU is several times faster than gathering strided columns of the (B, D, HW)
+            # view. Invalid pixels are summed into a dropped extra row instead of being gathered.
+            rows = embeddings.detach().permute(0, 2, 3, 1).reshape(-1, d)
+            row_class = torch.where(ok, safe, torch.full_like(safe, num_classes))
+            sums = torch.zeros(num_classes + 1, d, device=device).index_add_(0, row_class, rows.float())
+            sums = sums[:num_classes]
             batch_counts = pools.counts
             prototypes = sums / batch_counts.clamp_min(1).unsqueeze(1).float()
             if self.uses_memory:
@@ -531,7 +535,7 @@ class HardNegativeSampler(nn.Module):
                 bi = from_batch.nonzero().flatten()
                 if bi.numel():
                     pix = pools.sorted_idx[pools.offsets[classes[bi]] + r[bi]]
-                    negatives[bi] = self._gather(view.detach(), pix)
+                    negatives[bi] = rows[pix]
                 mi = (~from_batch).nonzero().flatten()
                 if mi.numel():
                     slot = r[mi] - batch_counts[classes[mi]]
