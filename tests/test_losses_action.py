@@ -291,6 +291,29 @@ def test_sampler_batch_only_shapes_and_classes():
     assert sampler(emb1, labels1, probs1, valid1) == []
 
 
+def test_sampler_prototypes_and_negatives_skip_invalid_pixels_across_images():
+    # two images of 2 x 3 pixels; every pixel has its own embedding, so a negative can be traced
+    # back to the pixel it came from
+    g = _gen(1)
+    b, d, h, w = 2, 5, 2, 3
+    emb = torch.randn(b, d, h, w, generator=g).requires_grad_()
+    labels = torch.tensor([[[0, 0, 1], [1, 2, 2]], [[2, 0, 1], [0, 1, 2]]])
+    valid = torch.tensor([[[1, 0, 1], [1, 1, 0]], [[1, 1, 0], [1, 1, 1]]], dtype=torch.bool)
+    probs = torch.full((b, 3, h, w), 0.1).scatter_(1, labels.unsqueeze(1), 0.8)  # all hard
+    out = HardNegativeSampler(num_queries=3, num_negatives=20)(emb, labels, probs, valid, generator=_gen(2))
+    rows = emb.detach().permute(0, 2, 3, 1).reshape(-1, d)  # pixel-major (b, h, w) order
+    lab, ok = labels.reshape(-1), valid.reshape(-1)
+    assert [s.class_index for s in out] == [0, 1, 2]
+    for s in out:
+        mine = ok & (lab == s.class_index)
+        # hand-computed: the mean embedding of the class's valid pixels only
+        assert torch.allclose(s.prototype, rows[mine].mean(0), atol=1e-6)
+        source = (s.negatives.reshape(-1, 1, d) == rows[None]).all(-1)  # (Q*M, pixels)
+        assert (source.sum(1) == 1).all()  # each negative is exactly one pixel's embedding
+        drawn = source.any(0)
+        assert not drawn[~ok].any() and not drawn[lab == s.class_index].any()
+
+
 def test_sampler_memory_bank_across_two_batches():
     sampler = HardNegativeSampler(
         num_queries=2, num_negatives=6, memory_size_per_class=3, num_classes=3,
