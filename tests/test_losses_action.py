@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -355,7 +354,7 @@ def test_sampler_memory_bank_across_two_batches():
 
 def test_sampler_bounded_memory_on_large_maps():
     # B=2, D=16, 128x128: an (HW x HW) matrix would be 16384^2 floats = 1 GiB per image;
-    # sampling indices first keeps it fast and small.
+    # sampling indices first keeps it small (timing belongs in `make bench`, not here).
     torch.manual_seed(0)
     b, d, h, w, c = 2, 16, 128, 128, 4
     emb = torch.randn(b, d, h, w, requires_grad=True)
@@ -365,12 +364,9 @@ def test_sampler_bounded_memory_on_large_maps():
     sampler = HardNegativeSampler(
         memory_size_per_class=64, num_classes=c, embedding_dim=d
     )
-    start = time.perf_counter()
     out = sampler(emb, labels, probs, valid, generator=_gen(0))
     loss = anatomical_contrast_loss(out, reference=emb)
     loss.backward()
-    elapsed = time.perf_counter() - start
     assert [s.class_index for s in out] == [0, 1, 2, 3]
     assert all(s.queries.shape == (256, d) and s.negatives.shape == (256, 512, d) for s in out)
     assert torch.isfinite(loss) and emb.grad is not None
-    assert elapsed < 10.0

@@ -206,6 +206,9 @@ def test_failing_run_is_reported_and_the_others_finish(sequence: Sequence) -> No
     assert "crop_size=100" in Path(broken["stderr_log"]).read_text()
     for key in (("acdc_scribble", "pce"), ("acdc_semi_3", "action"), ("cervical", "supervised")):
         assert runs[key]["status"] in ("finished", "skipped"), key
+        # a run skipped by this call still reports the time it took when it ran (all 3 stages)
+        assert float(runs[key]["run_seconds"]) > 0, key
+    assert broken["run_seconds"] == ""
 
 
 # --------------------------------------------------------------------------- the config key

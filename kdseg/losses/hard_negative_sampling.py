@@ -14,9 +14,11 @@ anatomical_contrast_loss`). The scheme follows the regional/anatomical contrast 
   relation graph: classes that look alike are used more often), then a uniformly random pixel
   of the drawn class.
 
-Memory is kept small: indices are sampled first and embeddings are gathered only for the
-sampled pixels; no pixel-by-pixel similarity matrix is ever built. Prototypes need one pass
-over the valid pixels (``O(N * D)``, no gradient).
+Memory is kept small: indices are sampled first and only the sampled pixels' embeddings are
+gathered; no pixel-by-pixel similarity matrix is ever built. The one full-size extra tensor is a
+detached pixel-major copy of the embeddings (``B*H*W x D``, no gradient), from which the
+prototypes are summed in one pass and the negatives are read as contiguous rows (on CPU several
+times faster than gathering strided columns of the ``(B, D, H*W)`` view).
 
 Optional per-class memory bank (:class:`HardNegativeSampler`, ``memory_size_per_class > 0``):
 a FIFO of detached, L2-normalised pixel embeddings per class that persists across batches

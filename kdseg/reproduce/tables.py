@@ -20,6 +20,7 @@ without the checkpoints.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -336,15 +337,31 @@ def write_tables(results_dir: Path, matrix: Matrix, profile: Profile, results: l
 def _write_runs_csv(path: Path, results: list[RunResult]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["setting", "method", "seed", "status", "seconds", "keys", "folder", "checkpoint",
-                         "failure", "stderr_log"])
+        # "seconds": time spent by this call (0 for a run skipped as finished); "run_seconds": the
+        # run's own fit + test time as recorded in its stage folders, whichever call ran it.
+        writer.writerow(["setting", "method", "seed", "status", "seconds", "run_seconds", "keys", "folder",
+                         "checkpoint", "failure", "stderr_log"])
         for r in results:
             failure = r.failure or {}
             writer.writerow([
                 r.plan.setting.name, r.plan.method.name, r.plan.seed, r.status, f"{r.seconds:.0f}",
+                _recorded_seconds(r),
                 "+".join(str(s.key) for s in r.plan.stages), r.folder or "", r.result.get("checkpoint", ""),
                 failure.get("message", ""), failure.get("stderr", ""),
             ])
+
+
+def _recorded_seconds(r: RunResult) -> str:
+    """Sum of the stages' recorded fit seconds plus the test's, '' while any is missing."""
+    if not r.has_metrics or r.folder is None:
+        return ""
+    total = float(r.result.get("test_seconds", math.nan))
+    for stage in r.plan.stages:
+        done = r.folder.parent / stage.folder_name / "fit.done.json"
+        if not done.is_file():
+            return ""
+        total += float(json.loads(done.read_text()).get("seconds", math.nan))
+    return "" if math.isnan(total) else f"{total:.0f}"
 
 
 def _copy_run_files(target_root: Path, results: list[RunResult]) -> None:
