@@ -226,3 +226,46 @@ def test_warmup_and_no_pseudo_labels(tiny_batch):
     assert model.needs_foreground
     assert not MMTPSM(detector=TINY_DETECTOR, mgd_weight=0.0).needs_foreground
     assert not MMTPSM(detector=TINY_DETECTOR, mgd_mask_gate=False).needs_foreground
+
+
+def _batchnorm_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: buffer.clone()
+        for name, buffer in module.named_buffers()
+        if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+    }
+
+
+@pytest.mark.parametrize("method", ["mmt_psm", "instance_mean_teacher"])
+def test_perturbed_unlabeled_view_leaves_the_students_batchnorm_statistics(tiny_batch, method):
+    from kdseg.methods.instance_mean_teacher import InstanceMeanTeacher
+
+    def build(**kwargs):
+        torch.manual_seed(0)
+        if method == "mmt_psm":
+            return MMTPSM(detector=TINY_DETECTOR, warmup_steps=0, pseudo_label_score=0.0, adaptor_channels=8,
+                          num_views=2, **kwargs)
+        return InstanceMeanTeacher(detector=TINY_DETECTOR, warmup_steps=0, pseudo_label_score=0.0, **kwargs)
+
+    model = build()
+    model.train()
+    before = _batchnorm_buffers(model.student)
+    assert before, "the from-scratch trunk has BatchNorm layers"
+    term, _ = model.unlabeled_loss(tiny_batch["unlabeled"])
+    term.backward()  # gradients still flow through the batch statistics
+    assert model.student.backbone.body.layer1[0].conv1.weight.grad.abs().sum() > 0
+    for name, value in _batchnorm_buffers(model.student).items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=f"{name} moved")
+    layers = [m for m in model.student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.track_running_stats for m in layers)  # restored after the block
+    with torch.no_grad():  # any other train-mode forward still updates them
+        model.student.backbone(torch.rand(2, 3, 64, 64))
+    assert not torch.equal(model.student.backbone.body.bn1.running_mean, before["backbone.body.bn1.running_mean"])
+
+    # The opt-in reproduces the old behaviour: the perturbed view moves the running statistics.
+    legacy = build(unlabeled_updates_bn_statistics=True)
+    legacy.train()
+    start = _batchnorm_buffers(legacy.student)
+    legacy.unlabeled_loss(tiny_batch["unlabeled"])
+    moved = _batchnorm_buffers(legacy.student)
+    assert not torch.equal(moved["backbone.body.bn1.running_mean"], start["backbone.body.bn1.running_mean"])

@@ -34,7 +34,7 @@ class InstanceMeanTeacher(InstanceTeacherStudentMethod):
             teacher_features = self.ema_teacher.backbone(teacher_view.tensors)
             teacher_logits = roi_class_logits(self.ema_teacher, teacher_features, targets.rois, targets.image_sizes)
         student_view = self.view(self.student, images, targets)
-        student_features = self.student.backbone(student_view.tensors)
+        student_features = self.student_features(student_view)
         student_logits = roi_class_logits(self.student, student_features, targets.rois, targets.image_sizes)
         if student_logits.shape[0] == 0:
             consistency = student_logits.sum() * 0.0
