@@ -82,9 +82,10 @@ class MMTPSM(InstanceTeacherStudentMethod):
     Scale of ``L_mgd`` from scratch: ``L_mgd`` is a raw squared feature difference, so its
     size follows the FPN features' scale, which nothing fixes when the detector is trained from
     scratch (the paper starts from ImageNet weights). Measured on ISBI 2014 at the end of a
-    150-step warm-up (ResNet-18 FPN, 64 channels, cpu profile, 3 batches): ``L_mgd`` 9-18,
-    gradient norms ``|grad L_sup|`` 3.6-4.6, ``|grad lambda w_psm L_psm|`` 4.4-8.7 and
-    ``|grad lambda (w_psm L_psm + w_mgd L_mgd)|`` 145-215 with ``w_mgd = 1``. Under gradient
+    150-step warm-up (ResNet-18 FPN, 64 channels, cpu profile, 3 batches, by
+    ``experiments/isbi2014/diagnose_mmt_psm.py grad``): ``L_mgd`` 11-23, gradient norms
+    ``|grad L_sup|`` 3.4-4.9, ``|grad lambda w_psm L_psm|`` 4.2-9.4 and
+    ``|grad lambda (w_psm L_psm + w_mgd L_mgd)|`` 183-248 with ``w_mgd = 1``. Under gradient
     clipping (10) the supervised gradient then shrinks about 20-fold and the student's
     validation AJI fell from 0.60-0.63 to 0.37-0.57 within 50 steps. ``mgd_weight`` is therefore
     a budget setting: the cpu profile (``experiments/reproduce/profiles/cpu.yaml``) sets it so
