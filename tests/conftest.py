@@ -51,6 +51,21 @@ TINY_DETECTOR = [
     "--trainer.enable_model_summary=false",
 ]
 
+#: CLI overrides for a tiny instance split (1 val, 1 test, 2 labeled images).
+TINY_INSTANCE_SPLIT = [
+    "--data.init_args.num_val_images=1",
+    "--data.init_args.num_test_images=1",
+    "--data.init_args.num_labeled=2",
+]
+#: CLI overrides that make the built-in cytology phantom tiny: 5 annotated 64 px images (split as
+#: TINY_INSTANCE_SPLIT) and 2 extra unlabeled ones.
+TINY_CYTOLOGY_PHANTOM = [
+    "--data.init_args.phantom_num_images=5",
+    "--data.init_args.phantom_num_unlabeled=2",
+    "--data.init_args.phantom_size=64",
+    *TINY_INSTANCE_SPLIT,
+]
+
 requires_acdc = pytest.mark.skipif(
     not (SHARED_ACDC / "volumes").is_dir(), reason=f"real ACDC data not found at {SHARED_ACDC}"
 )

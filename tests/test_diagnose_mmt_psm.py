@@ -6,16 +6,11 @@ import importlib.util
 import math
 
 import pytest
-from conftest import REPO, TINY_DETECTOR
+from conftest import REPO, TINY_CYTOLOGY_PHANTOM, TINY_DETECTOR
 
 SCRIPT = REPO / "experiments" / "isbi2014" / "diagnose_mmt_psm.py"
 PHANTOM = [
-    "--data.init_args.phantom_num_images=5",
-    "--data.init_args.phantom_num_unlabeled=2",
-    "--data.init_args.phantom_size=64",
-    "--data.init_args.num_val_images=1",
-    "--data.init_args.num_test_images=1",
-    "--data.init_args.num_labeled=2",
+    *TINY_CYTOLOGY_PHANTOM,
     "--model.init_args.adaptor_channels=8",
     "--model.init_args.num_views=2",
     "--model.init_args.pseudo_label_score=0.0",  # an untrained teacher still gives pseudo-labels

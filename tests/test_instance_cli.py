@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-from conftest import REPO, TINY_DETECTOR, run_cli
+from conftest import REPO, TINY_CYTOLOGY_PHANTOM, TINY_DETECTOR, TINY_INSTANCE_SPLIT, run_cli
 from skimage import io
 
 from kdseg.data.cytology_phantom import make_cytology_phantom
@@ -21,17 +21,8 @@ from kdseg.data.volume import DataError
 TINY = TINY_DETECTOR
 #: Teacher-student configs: unlabeled losses from the first step, pseudo-labels from an untrained teacher.
 TEACHER_NOW = ["--model.init_args.warmup_steps=0", "--model.init_args.pseudo_label_score=0.0"]
-SPLIT = [
-    "--data.init_args.num_val_images=1",
-    "--data.init_args.num_test_images=1",
-    "--data.init_args.num_labeled=2",
-]
-PHANTOM_TINY = [
-    "--data.init_args.phantom_num_images=5",
-    "--data.init_args.phantom_num_unlabeled=2",
-    "--data.init_args.phantom_size=64",
-    *SPLIT,
-]
+SPLIT = TINY_INSTANCE_SPLIT
+PHANTOM_TINY = TINY_CYTOLOGY_PHANTOM
 
 
 def instance_configs() -> list[Path]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, TINY_DETECTOR, TINY_NETWORK
+from conftest import REPO, TINY_CYTOLOGY_PHANTOM, TINY_DETECTOR, TINY_NETWORK
 
 SWEEP_DIR = REPO / "experiments" / "sweeps"
 SWEEPS = sorted(SWEEP_DIR.glob("*.yaml"))
@@ -38,12 +38,7 @@ LOGGER_SNIPPET = "experiments/loggers/wandb.yaml"
 TINY_INSTANCE = [
     "--data.init_args.root=null",  # the built-in cytology phantom
     "--data.init_args.edf_root=null",
-    "--data.init_args.phantom_num_images=5",
-    "--data.init_args.phantom_num_unlabeled=2",
-    "--data.init_args.phantom_size=64",
-    "--data.init_args.num_val_images=1",
-    "--data.init_args.num_test_images=1",
-    "--data.init_args.num_labeled=2",
+    *TINY_CYTOLOGY_PHANTOM,
     "--data.init_args.batch_size=2",
     *TINY_DETECTOR,
 ]
