@@ -342,3 +342,18 @@ def test_a_fit_stopped_by_sigterm_is_not_finished(tmp_path: Path) -> None:
     config.write_text("trainer:\n  max_steps: -1\n  max_epochs: 3\n")  # epoch-bounded: not judged by steps
     torch.save({"global_step": 4}, last)
     assert unfinished_training(done) is None
+
+
+def test_moved_run_folder_finds_its_checkpoint(tmp_path: Path) -> None:
+    from kdseg.reproduce.figures import relocated_checkpoint
+
+    folder = tmp_path / "cpu" / "runs" / "mmt_psm-0123456789ab"
+    ckpt = folder / "fit" / "version_0" / "checkpoints" / "best.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    recorded = tmp_path / "cpu_long" / "runs" / "mmt_psm-0123456789ab" / "fit" / "version_0" / "checkpoints" / "best.ckpt"
+    assert relocated_checkpoint(recorded, folder) == ckpt
+    assert relocated_checkpoint(ckpt, folder) == ckpt  # still where it was recorded
+    missing = recorded.with_name("other.ckpt")
+    assert relocated_checkpoint(missing, folder) == missing  # nothing there either: the recorded path
+    assert relocated_checkpoint(Path("/elsewhere/best.ckpt"), folder) == Path("/elsewhere/best.ckpt")

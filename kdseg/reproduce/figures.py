@@ -134,7 +134,21 @@ def _run_config(result: RunResult) -> tuple[Path, Path]:
     configs = [v / "config.yaml" for v in fit_versions(result.folder) if (v / "config.yaml").is_file()]
     if not configs or not result.result.get("checkpoint"):
         raise FileNotFoundError(f"{result.folder}: no saved config or tested checkpoint")
-    return configs[-1], Path(result.result["checkpoint"])
+    return configs[-1], relocated_checkpoint(Path(result.result["checkpoint"]), result.folder)
+
+
+def relocated_checkpoint(recorded: Path, folder: Path) -> Path:
+    """The tested checkpoint of the run in ``folder``. ``result.json`` records it by absolute path,
+    which goes stale when finished run folders are moved into another ``--out`` (as the README
+    suggests for runs made in a separate call): then the same path below the run's own folder name
+    is looked up in ``folder``. Returns ``recorded`` unchanged when neither exists, so the caller's
+    error names the path the run recorded."""
+    if recorded.exists() or folder.name not in recorded.parts:
+        return recorded
+    parts = recorded.parts
+    below = parts[len(parts) - parts[::-1].index(folder.name):]
+    candidate = folder.joinpath(*below)
+    return candidate if candidate.exists() else recorded
 
 
 @contextlib.contextmanager
