@@ -14,8 +14,8 @@ volume's mean Dice.
 Usage::
 
     python -m kdseg.metrics.paired --metric aji \\
-        --a experiments/results/cpu/runs/cervical/mmt_psm/seed{0,1}/test_cases.csv \\
-        --b experiments/results/cpu/runs/cervical/supervised/seed{0,1}/test_cases.csv
+        --a experiments/results/cpu/runs/cervical/mmt_psm/seed{0,1,2}/test_cases.csv \\
+        --b experiments/results/cpu/runs/cervical/supervised/seed{0,1,2}/test_cases.csv
 """
 
 from __future__ import annotations
