@@ -39,7 +39,7 @@ action-chain: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH experiments/acdc/run_action_chain.sh $(LABELED) $(ROOT)
 
 # The results table of every method in experiments/reproduce/matrix.yaml under a budget profile:
-#   make reproduce-table                 PROFILE=cpu: real data, meant for about 2 h on 2 cores with JOBS=2 (not met yet)
+#   make reproduce-table                 PROFILE=cpu: real data on 2 cores with JOBS=2, 25 runs (times: profiles/cpu.yaml)
 #   make reproduce-table PROFILE=smoke   the built-in phantoms, minutes, no data needed
 #   make reproduce-table PROFILE=paper   the papers' protocols (GPU)
 # Runs go to runs/reproduce/$(PROFILE) (finished ones are skipped, interrupted ones resume), tables
