@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info
 from torch.utils.data import DataLoader
 
+from kdseg.data.protocol import SplitProtocol, SplitSource, resolve_protocol
 from kdseg.data.slices import SliceDataset, VolumeDataset, first_item
 from kdseg.data.volume import DataError, Volume
 
@@ -202,11 +203,18 @@ class ACDCDataModule(VolumeSegmentationDataModule):
     HDF5 layout, and raw ACDC NIfTI (``patientNNN/patientNNN_frameMM[_gt].nii.gz``; voxel spacing
     kept, so HD95/ASD are in mm).
 
+    Which patients train, select the checkpoint (``val``) and are tested follows the root's
+    protocol (:mod:`kdseg.data.protocol`, logged once): with ``splits/test.txt`` the SSL4MIS one
+    (train / val / test files as they are); without it the last ``fallback_val_patients`` of
+    ``train.txt`` select the checkpoint and ``val.txt`` is the test set.
+
     Args:
         root: the data folder.
         train_split, val_split, test_split: split files (one patient id a line); default
-            ``<root>/splits/<name>.txt``.
-        predict_split: patients to predict; default the test split, else the val split.
+            ``<root>/splits/<name>.txt``; a file given here wins over the protocol's choice.
+        predict_split: patients to predict; default the protocol's test set.
+        fallback_val_patients: without a test split, how many patients at the end of the train
+            split are held out for checkpoint selection.
         (other arguments: see :class:`VolumeSegmentationDataModule`)
     """
 
@@ -217,18 +225,20 @@ class ACDCDataModule(VolumeSegmentationDataModule):
         val_split: str | Path | None = None,
         test_split: str | Path | None = None,
         predict_split: str | Path | None = None,
+        fallback_val_patients: int = 5,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.root = Path(root)
-        self.split_files = {
-            "train": Path(train_split) if train_split else self.root / "splits" / "train.txt",
-            "val": Path(val_split) if val_split else self.root / "splits" / "val.txt",
-            "test": Path(test_split) if test_split else self.root / "splits" / "test.txt",
+        self.given_splits = {
+            "train": Path(train_split) if train_split else None,
+            "val": Path(val_split) if val_split else None,
+            "test": Path(test_split) if test_split else None,
         }
-        if predict_split:
-            self.split_files["predict"] = Path(predict_split)
+        self.predict_split = Path(predict_split) if predict_split else None
+        self.fallback_val_patients = fallback_val_patients
         self._layout: str | None = None
+        self._protocol: SplitProtocol | None = None
 
     def _check_root(self) -> str:
         from kdseg.data.readers import detect_layout
@@ -237,37 +247,47 @@ class ACDCDataModule(VolumeSegmentationDataModule):
             self._layout = detect_layout(self.root)
         return self._layout
 
-    def _split_file(self, split: str) -> Path:
-        if split == "predict" and "predict" not in self.split_files:
-            test = self.split_files["test"]
-            return test if test.exists() else self.split_files["val"]
-        path = self.split_files[split]
-        if not path.is_file():
-            raise DataError(
-                f"{path}: the {split} split file does not exist (one patient id a line; set "
-                f"data.{split}_split to another file)"
+    @property
+    def protocol(self) -> SplitProtocol:
+        """The resolved splits (read once, logged once)."""
+        if self._protocol is None:
+            self._check_root()
+            self._protocol = resolve_protocol(
+                self.root, self.given_splits["train"], self.given_splits["val"], self.given_splits["test"],
+                holdout=self.fallback_val_patients,
             )
-        return path
+            rank_zero_info(self._protocol.describe())
+        return self._protocol
+
+    def _source(self, split: str) -> SplitSource:
+        if split == "predict":
+            if self.predict_split is None:
+                return self.protocol.test
+            from kdseg.data.readers import read_split_file
+
+            if not self.predict_split.is_file():
+                raise DataError(f"{self.predict_split}: the predict split file does not exist "
+                                "(one patient id a line; set data.predict_split to another file)")
+            return SplitSource(tuple(read_split_file(self.predict_split)), self.predict_split)
+        return self.protocol.split(split)
 
     def patients_in_split(self, split: str) -> list[str]:
-        from kdseg.data.readers import read_split_file
-
         self._check_root()
-        return read_split_file(self._split_file(split))
+        return list(self._source(split).patients)
 
     def load_split(self, split: str, require: tuple[str, ...]) -> list[Volume]:
         from kdseg.data.readers import read_patients
 
         layout = self._check_root()
-        split_file = self._split_file(split)
+        source = self._source(split)
         return read_patients(
             self.root,
-            self.patients_in_split(split),
+            list(source.patients),
             require=require,
             num_classes=self.num_classes,
             scribble_ignore_index=self.scribble_ignore_index,
             layout=layout,
-            split_file=split_file,
+            split_file=source.file,
         )
 
 
