@@ -36,11 +36,11 @@ class SplitSource:
 
     patients: tuple[str, ...]
     file: Path
-    note: str = ""
+    how: str = "{file}"  # how the patients come from ``file``; ``{file}`` stands for it
 
-    @property
-    def text(self) -> str:
-        return f"{len(self.patients)} patients ({self.note or self.file})"
+    def text(self, file_names: bool = False) -> str:
+        """``"5 patients (the last 5 of /data/splits/train.txt)"``; ``file_names``: the name only."""
+        return f"{len(self.patients)} patients ({self.how.format(file=self.file.name if file_names else self.file)})"
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,15 @@ class SplitProtocol:
             raise KeyError(name)
         return getattr(self, name)
 
-    def describe(self) -> str:
-        """One line: the protocol and the three splits, e.g. for a log or a table caption."""
+    def describe(self, file_names: bool = False) -> str:
+        """One line: the protocol and the three splits, for the log or (``file_names``: split files
+        by name, not path) a table caption."""
         why = {
             "ssl4mis": "the SSL4MIS protocol: test split present",
             "train-holdout": "no test split: the last train patients select the checkpoint, val is the test set",
         }[self.name]
-        text = (f"ACDC protocol {self.name} ({why}): train {self.train.text}, validation for checkpoint "
-                f"selection {self.val.text}, test {self.test.text}")
+        text = (f"ACDC protocol {self.name} ({why}): train {self.train.text(file_names)}, validation for "
+                f"checkpoint selection {self.val.text(file_names)}, test {self.test.text(file_names)}")
         shared = set(self.val.patients) & set(self.test.patients)
         if shared:  # allowed (explicit files win) but it biases the test numbers: say so
             text += f"; WARNING: validation and test share {len(shared)} patients"
@@ -113,7 +114,7 @@ def resolve_protocol(
         )
     else:
         default_val = splits / "val.txt"
-        test = SplitSource(read(default_val, "val"), default_val, f"{default_val}, no test split")
+        test = SplitSource(read(default_val, "val"), default_val, "{file}, no test split")
         if val_split:
             train = SplitSource(train_all, train_file)
             val = SplitSource(read(val_file, "val"), val_file)
@@ -123,8 +124,8 @@ def resolve_protocol(
                     f"{train_file}: data.fallback_val_patients={holdout} must be >= 1 and leave a training "
                     f"patient (the file lists {len(train_all)})"
                 )
-            train = SplitSource(train_all[:-holdout], train_file, f"{train_file} without its last {holdout}")
-            val = SplitSource(train_all[-holdout:], train_file, f"the last {holdout} of {train_file}")
+            train = SplitSource(train_all[:-holdout], train_file, f"{{file}} without its last {holdout}")
+            val = SplitSource(train_all[-holdout:], train_file, f"the last {holdout} of {{file}}")
         protocol = SplitProtocol("train-holdout", train, val, test)
     for other in ("val", "test"):
         shared = sorted(set(protocol.train.patients) & set(protocol.split(other).patients))

@@ -1,4 +1,4 @@
-"""Where a reproduction's data comes from, and the split files that make ACDC's evaluation honest.
+"""Where a reproduction's data comes from, and which ACDC protocol its numbers follow.
 
 A profile's ``data`` section names, per data kind of the matrix (``acdc``, ``isbi2014``), either
 real files or the built-in phantoms:
@@ -8,20 +8,19 @@ real files or the built-in phantoms:
     acdc:
       root: ../shared/data/acdc        # or phantom: {train_patients: 12, test_patients: 2, slices: 4,
                                        #              size: [40, 36], seed: 7}
-      val_patients: 5                  # the last N of the train split, held out for checkpoint selection
-      train_split: <root>/splits/train.txt   # (defaults)
-      test_split: <root>/splits/val.txt
+      val_patients: 5                  # without splits/test.txt: the last N of train.txt select the checkpoint
+      train_split: ...                 # optional split files; given ones win (ACDCDataModule)
+      test_split: ...
 
-The shared ACDC release has no test patients (its 20 test patients are withheld), so its
-``splits/val.txt`` (10 patients) is the **test** set here, and the last ``val_patients`` patients
-of ``splits/train.txt`` are removed from training and used as the **validation** set that picks
-the checkpoint. Selecting the checkpoint on the test patients would bias the table upwards. The
-three lists are written as split files (``train.txt``, ``val.txt``, ``test.txt``) and passed to
-``ACDCDataModule`` as ``train_split`` / ``val_split`` / ``test_split``; ``labeled_patients: N``
-keeps meaning "the first N patients of the train split", so the semi-supervised settings stay
-those of SSL4MIS. The phantom variant writes phantom volumes in the same HDF5 layout first
-(:func:`kdseg.data.phantom.write_acdc_like`), so the smoke profile runs exactly the code path of
-the real data.
+Which patients train, select the checkpoint and are tested is decided by ``ACDCDataModule``
+(:mod:`kdseg.data.protocol`), exactly as for a plain ``kdseg fit`` / ``kdseg test``: a root with
+``splits/test.txt`` follows the SSL4MIS protocol (train / val / test files as they are); the shared
+copy has none (its 20 test patients are withheld), so there the last ``val_patients`` patients of
+``splits/train.txt`` select the checkpoint and ``splits/val.txt`` is the test set. The runner only
+passes ``val_patients`` on (``--data.init_args.fallback_val_patients``) and resolves the same
+protocol once for the caption and the figures. The phantom variant writes phantom volumes in the
+same HDF5 layout first (:func:`kdseg.data.phantom.write_acdc_like`, train and val splits only), so
+the smoke profile runs exactly the code path of the real data.
 
 ``isbi2014``::
 
@@ -43,9 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdseg.data.protocol import resolve_protocol
+from kdseg.data.volume import DataError
 from kdseg.reproduce.spec import SpecError
-
-SPLIT_NAMES = ("train", "val", "test")
 
 
 class DataUnavailable(SpecError):
@@ -54,37 +53,15 @@ class DataUnavailable(SpecError):
 
 @dataclass(frozen=True)
 class PreparedData:
-    """What every run of one data kind gets: CLI overrides, split files, and a caption text."""
+    """What every run of one data kind gets: CLI overrides and a caption text; for ACDC also the
+    patients of each split and the protocol's name (:mod:`kdseg.data.protocol`) as the data module
+    resolves them."""
 
     kind: str
     overrides: tuple[str, ...]
     description: str
     splits: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    split_files: dict[str, Path] = field(default_factory=dict)
-
-    def split_overrides(self, files: dict[str, Path] | None = None) -> tuple[str, ...]:
-        """``--data.init_args.<name>_split=<file>`` for the given (or the shared) split files."""
-        files = files if files is not None else self.split_files
-        return tuple(f"--data.init_args.{name}_split={files[name]}" for name in SPLIT_NAMES if name in files)
-
-
-def write_split_files(splits: dict[str, tuple[str, ...]], folder: Path) -> dict[str, Path]:
-    """Writes one ``<name>.txt`` per split (one patient id a line) into ``folder``; an existing
-    file with other content is an error (a run folder's splits never change under it)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for name, patients in splits.items():
-        target = folder / f"{name}.txt"
-        text = "".join(f"{p}\n" for p in patients)
-        if target.exists():
-            if target.read_text() != text:
-                raise FileExistsError(f"{target} exists with other patients: refusing to change a run's split")
-        else:
-            tmp = target.with_suffix(".tmp")
-            tmp.write_text(text)
-            tmp.replace(target)
-        files[name] = target
-    return files
+    protocol: str | None = None
 
 
 def prepare_data(kind: str, spec: dict[str, Any], out: Path, where: str) -> PreparedData:
@@ -102,9 +79,6 @@ def _absolute(value: str) -> Path:
 
 
 def _prepare_acdc(spec: dict[str, Any], out: Path, where: str) -> PreparedData:
-    from kdseg.data.readers import read_split_file
-    from kdseg.data.volume import DataError
-
     allowed = {"root", "phantom", "val_patients", "train_split", "test_split"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
@@ -121,42 +95,22 @@ def _prepare_acdc(spec: dict[str, Any], out: Path, where: str) -> PreparedData:
                 "data; PROFILE=smoke runs everything on the built-in phantom)"
             )
         description = f"ACDC ({root})"
-    train_split = _absolute(spec["train_split"]) if "train_split" in spec else root / "splits" / "train.txt"
-    test_split = _absolute(spec["test_split"]) if "test_split" in spec else root / "splits" / "val.txt"
     val_patients = spec.get("val_patients", 5)
     if not isinstance(val_patients, int) or isinstance(val_patients, bool) or val_patients < 1:
         raise SpecError(f"{where}: data.acdc.val_patients must be a positive integer, got {val_patients!r}")
+    given = {name: _absolute(str(spec[f"{name}_split"])) for name in ("train", "test") if f"{name}_split" in spec}
     try:
-        train_all = read_split_file(train_split)
-        test = read_split_file(test_split)
+        protocol = resolve_protocol(root, given.get("train"), None, given.get("test"), holdout=val_patients)
     except DataError as error:
         raise DataUnavailable(f"{where}: data.acdc: {error}") from None
-    if val_patients >= len(train_all):
-        raise SpecError(
-            f"{where}: data.acdc.val_patients={val_patients} leaves no training patient "
-            f"({train_split} lists {len(train_all)})"
-        )
-    overlap = sorted(set(train_all) & set(test))
-    if overlap:
-        raise SpecError(f"{where}: data.acdc: {train_split} and {test_split} share patients {overlap[:3]}")
-    splits = {
-        "train": tuple(train_all[:-val_patients]),
-        "val": tuple(train_all[-val_patients:]),
-        "test": tuple(test),
-    }
-    digest = hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:12]
-    files = write_split_files(splits, out / "splits" / f"acdc-{digest}")
-    description += (
-        f": train {len(splits['train'])} patients ({train_split.name} without its last {val_patients}), "
-        f"validation for checkpoint selection {val_patients} patients (the last {val_patients} of "
-        f"{train_split.name}), test {len(test)} patients ({test_split.name})"
-    )
+    overrides = [f"--data.init_args.root={root}", f"--data.init_args.fallback_val_patients={val_patients}"]
+    overrides += [f"--data.init_args.{name}_split={path}" for name, path in given.items()]
     return PreparedData(
         kind="acdc",
-        overrides=(f"--data.init_args.root={root}",),
-        description=description,
-        splits=splits,
-        split_files=files,
+        overrides=tuple(overrides),
+        description=f"{description}; {protocol.describe(file_names=True)}",
+        splits={name: protocol.split(name).patients for name in ("train", "val", "test")},
+        protocol=protocol.name,
     )
 
 

@@ -4,7 +4,6 @@ Each stage of a run has its own folder ``<out>/runs/<config stem>-<key>/`` (the 
 its resolved config, :mod:`kdseg.reproduce.config_key`)::
 
     resolved_config.yaml  run.json      what was planned (arguments, setting, method, seed)
-    splits/{train,val,test}.txt         ACDC split files of this run
     fit/version_N/                      CSVLogger folders: config.yaml, metrics.csv, checkpoints/
     fit.done.json                       written when fit exited 0: best / last checkpoint, scores
     test/version_N/                     kdseg test of the best checkpoint
@@ -50,7 +49,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdseg.reproduce.data import write_split_files
 from kdseg.reproduce.metrics import HEADLINE, flatten_test_metrics
 from kdseg.reproduce.plan import INIT_WEIGHTS_ARG, RunPlan, StagePlan
 
@@ -409,11 +407,10 @@ class Executor:
                 "stage": stage.index, "stages": stage.count, "config": str(stage.config), "key": stage.key,
                 "args": list(stage.args),
             })
-            split_files = write_split_files(dict(plan.data.splits), folder / "splits") if plan.data.splits else {}
             if done_file.is_file():
                 done = json.loads(done_file.read_text())
             else:
-                done = self._fit(plan, stage, folder, split_files, handed_on, tag)
+                done = self._fit(plan, stage, folder, handed_on, tag)
             if not stage.is_last:
                 return self._handed_on(stage, done, folder)
             self._test(stage, folder, done, tag)
@@ -428,12 +425,10 @@ class Executor:
             })
         return str(ckpt)
 
-    def _fit(self, plan: RunPlan, stage: StagePlan, folder: Path, split_files: dict[str, Path],
-             handed_on: str | None, tag: str) -> dict[str, Any]:
+    def _fit(self, plan: RunPlan, stage: StagePlan, folder: Path, handed_on: str | None,
+             tag: str) -> dict[str, Any]:
         assert plan.data is not None
         args = list(stage.args)
-        if split_files:
-            args += plan.data.split_overrides(split_files)
         if handed_on is not None:
             args.append(f"{INIT_WEIGHTS_ARG}={handed_on}")
         args += [

@@ -7,7 +7,8 @@ Arguments of a stage, in the order they are given (later ones win, as in any ``k
 2. the matrix's overrides: setting, method, stage;
 3. the profile's overrides: every run, the setting, the stage's method config (``per_config``),
    with ``${vars}`` expanded;
-4. the data: root (and, for ACDC, the split files), ``--seed_everything=<seed>``, and from the
+4. the data: root (for ACDC also ``fallback_val_patients`` and any split file the profile names;
+   the data module picks the protocol, :mod:`kdseg.data.protocol`), ``--seed_everything=<seed>``, and from the
    second stage on ``--model.init_args.init_weights_from=<checkpoint of the previous stage>``.
 
 Keys are computed here, for every run of the matrix (not only the selected ones: the table shows
@@ -124,7 +125,7 @@ def parse_selection(only: Sequence[str], matrix: Matrix) -> set[tuple[str, str]]
 
 def stage_args(setting: Setting, method: Method, stage_index: int, profile: Profile, data: PreparedData,
                seed: int) -> tuple[str, ...]:
-    """The ``kdseg fit`` arguments of a stage, without split files and handed-on checkpoint."""
+    """The ``kdseg fit`` arguments of a stage, without the handed-on checkpoint."""
     stage = method.stages[stage_index]
     psetting = profile.settings.get(setting.name, ProfileSetting())
     where = f"{setting.name}/{method.name} stage {stage_index + 1}"
@@ -197,7 +198,7 @@ def _plan_stages(setting: Setting, method: Method, profile: Profile, data: Prepa
             plan.error = f"stage {previous.index} could not be planned"
             previous = plan
             continue
-        full = list(plan.args) + list(data.split_overrides())
+        full = list(plan.args)
         if previous is not None:
             full.append(f"{INIT_WEIGHTS_ARG}={handed_on_placeholder(str(previous.key), previous.hand_on)}")
         cached = cache.get(tuple(full))

@@ -4,10 +4,13 @@ Rows are the matrix's methods (in matrix order), each the mean +- sample standar
 (``ddof=1``) over its finished seeds of the per-run test summary (per-class and mean values are
 means over test volumes or images, as ``kdseg test`` computes them), followed by the papers'
 numbers for that setting from ``paper_numbers.yaml``, marked "reported in <paper>, <table>".
+ACDC settings add a column with each method's per-volume paired difference in mean Dice to its
+label-only baseline and its bootstrap interval (:mod:`kdseg.reproduce.baseline`).
 A method none of whose seeds finished is shown as FAILED (or "not run") instead of being dropped,
 and the table ends with each failure's log and last stderr lines. The caption states the budget
-(profile, image size, iterations, encoder, device), the data and splits, and which checkpoint was
-tested, taken from the resolved configs of the runs rather than restated by hand.
+(profile, image size, iterations, encoder, device), the data and the ACDC protocol (which patients
+trained, selected the checkpoint and were tested; :mod:`kdseg.data.protocol`), and which checkpoint
+was tested, taken from the resolved configs of the runs rather than restated by hand.
 
 ``table.csv`` has one row per (setting, method or reported row) with ``<metric>_mean``,
 ``<metric>_std`` and ``<metric>_n`` columns (blank where a setting does not report a metric),
@@ -29,6 +32,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from kdseg.metrics.paired import PairedDifference
+from kdseg.reproduce.baseline import BaselineComparison, caption_text, compare_to_baseline
 from kdseg.reproduce.execute import RunResult
 from kdseg.reproduce.metrics import COLUMNS, KNOWN_METRICS, distance_unit
 from kdseg.reproduce.spec import Matrix, PaperNumbers, Profile, ReportedRow, Setting
@@ -175,6 +180,9 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
         f"Checkpoint: `kdseg test` of the best checkpoint by {values('checkpoint.monitor')} on the validation set "
         "(over every validation of the last stage); multi-stage methods hand each stage's checkpoint to the next."
     )
+    paired = compare_to_baseline(setting, results)
+    if paired:
+        parts.append(caption_text(paired))
     unit = _unit(results, setting)
     stats = "Values: mean ± sample std (ddof=1) over the finished seeds (number in 'seeds')"
     if unit:
@@ -191,6 +199,23 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
             f"Papers' numbers: none recorded for this setting in {papers.path.name} (see its not_recorded list)."
         )
     return " ".join(parts)
+
+
+#: ``table.csv`` columns of the paired comparison with the label-only baseline (ACDC settings).
+PAIRED_CSV_COLUMNS = ("paired_baseline", "paired_dice_mean_diff", "paired_low", "paired_high", "paired_pairs")
+
+
+def _paired_cell(paired: BaselineComparison, row: Row) -> str:
+    return paired.cell(row.method) if row.kind == "measured" else DASH
+
+
+def _paired_csv(paired: BaselineComparison, method: str) -> dict[str, Any]:
+    found = paired.differences.get(method)
+    line: dict[str, Any] = {"paired_baseline": paired.baseline}
+    if isinstance(found, PairedDifference):
+        line.update(paired_dice_mean_diff=f"{found.mean:.6g}", paired_low=f"{found.low:.6g}",
+                    paired_high=f"{found.high:.6g}", paired_pairs=found.pairs)
+    return line
 
 
 def _size_text(size: str) -> str:
@@ -217,14 +242,18 @@ def markdown(matrix: Matrix, profile: Profile, results: list[RunResult], papers:
     for setting in matrix.settings.values():
         rows = build_rows(setting, results, papers)
         cols = _columns(setting, _unit(results, setting))
+        paired = compare_to_baseline(setting, results)
+        extra = [paired.header] if paired else []
         lines += [f"## {setting.name}: {setting.title}", ""]
-        lines.append("| method | seeds | iters | " + " | ".join(h for _, h, _ in cols) + " |")
-        lines.append("|" + " --- |" * (3 + len(cols)))
+        lines.append("| method | seeds | iters | " + " | ".join([*(h for _, h, _ in cols), *extra]) + " |")
+        lines.append("|" + " --- |" * (3 + len(cols) + len(extra)))
         for row in rows:
             if row.kind == "measured" and not row.seeds_finished:
                 cells = [row.status + (" (see failures)" if row.seeds_failed else "")] + [DASH] * (len(cols) - 1)
             else:
                 cells = [_fmt(row.stats.get(m), d) for m, _, d in cols]
+            if paired:
+                cells.append(_paired_cell(paired, row))
             iters = row.iterations if row.kind == "measured" else DASH
             lines.append(f"| {row.label} | {row.seeds_cell()} | {iters} | " + " | ".join(cells) + " |")
             failures += row.failures
@@ -249,7 +278,7 @@ def markdown(matrix: Matrix, profile: Profile, results: list[RunResult], papers:
 
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$",
-                "–": "--", "`": ""}
+                "–": "--", "`": "", "Δ": r"$\Delta$"}
 
 
 def tex_escape(text: str) -> str:
@@ -262,9 +291,12 @@ def latex(matrix: Matrix, profile: Profile, results: list[RunResult], papers: Pa
     for setting in matrix.settings.values():
         rows = build_rows(setting, results, papers)
         cols = _columns(setting, _unit(results, setting))
+        paired = compare_to_baseline(setting, results)
+        extra = [tex_escape(paired.header)] if paired else []
         out += [r"\begin{table}[t]", r"\centering", r"\small",
-                r"\begin{tabular}{l" + "c" * (2 + len(cols)) + "}", r"\toprule",
-                " & ".join(["Method", "Seeds", "Iters", *(tex_escape(h) for _, h, _ in cols)]) + r" \\", r"\midrule"]
+                r"\begin{tabular}{l" + "c" * (2 + len(cols) + len(extra)) + "}", r"\toprule",
+                " & ".join(["Method", "Seeds", "Iters", *(tex_escape(h) for _, h, _ in cols), *extra]) + r" \\",
+                r"\midrule"]
         for row in rows:
             if row.kind == "reported" and rows and row is next(r for r in rows if r.kind == "reported"):
                 out.append(r"\midrule")
@@ -272,6 +304,8 @@ def latex(matrix: Matrix, profile: Profile, results: list[RunResult], papers: Pa
                 cells = [rf"\multicolumn{{{len(cols)}}}{{c}}{{{tex_escape(row.status)}}}"]
             else:
                 cells = [tex_escape(_fmt(row.stats.get(m), d)) for m, _, d in cols]
+            if paired:
+                cells.append(tex_escape(_paired_cell(paired, row)))
             iters = tex_escape(row.iterations) if row.kind == "measured" else "--"
             out.append(" & ".join([tex_escape(row.label), tex_escape(row.seeds_cell()), iters, *cells]) + r" \\")
         out += [r"\bottomrule", r"\end{tabular}",
@@ -294,9 +328,11 @@ def csv_rows(matrix: Matrix, results: list[RunResult], papers: PaperNumbers | No
     header = ["setting", "method", "label", "kind", "status", "seeds_finished", "seeds_failed", "seeds_planned",
               "iterations", "distance_unit", "source", "where"]
     header += [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]
+    header += list(PAIRED_CSV_COLUMNS)
     out = []
     for setting in matrix.settings.values():
         unit = _unit(results, setting) or ""
+        paired = compare_to_baseline(setting, results)
         for row in build_rows(setting, results, papers):
             line: dict[str, Any] = {
                 "setting": row.setting, "method": row.method, "label": row.label, "kind": row.kind,
@@ -311,6 +347,8 @@ def csv_rows(matrix: Matrix, results: list[RunResult], papers: PaperNumbers | No
                 line[f"{metric}_mean"] = f"{stat.mean:.6g}"
                 line[f"{metric}_std"] = "" if stat.std is None else f"{stat.std:.6g}"
                 line[f"{metric}_n"] = stat.n
+            if paired and row.kind == "measured":
+                line.update(_paired_csv(paired, row.method))
             out.append(line)
     return header, out
 
