@@ -97,7 +97,8 @@ def caption_text(comparison: BaselineComparison) -> str:
     """What the column means, for the table caption."""
     text = (
         f"'{comparison.header}': the method's mean Dice (RV, Myo, LV) of each test volume minus "
-        f"{comparison.baseline_label}'s on the same volume, pooled over the seeds both finished, with a "
+        f"that of {comparison.baseline} ({comparison.baseline_label}) on the same volume, pooled over the seeds "
+        "both finished, with a "
         f"{100 * CONFIDENCE:.0f}% percentile bootstrap interval over the (seed, volume) pairs ({RESAMPLES} "
         "resamples, kdseg.metrics.paired)."
     )
