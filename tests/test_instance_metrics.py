@@ -391,3 +391,19 @@ def test_accumulator_score_threshold_and_batches(phantoms):
 def test_accumulator_empty():
     res = InstanceMetricAccumulator().compute()
     assert math.isnan(res["aji_mean"]) and math.isnan(res["map_mean"]) and res["num_images"] == 0
+
+
+def test_map_counts_a_pair_at_iou_exactly_0_8_as_coco_does():
+    # GT 10 x 13 = 130 px, prediction its first 8 rows = 104 px: IoU = 104/130 = 0.8 exactly.
+    # COCO matches at IoU >= t, so thresholds 0.50 .. 0.80 (7 of 10) count the pair: AP = 0.7.
+    # With torchmetrics' float32 thresholds 0.8 becomes 0.800000012 and AP drops to 0.6.
+    gt = box_mask((20, 20), 2, 11, 3, 15)[None]
+    pred = box_mask((20, 20), 2, 9, 3, 15)[None]
+    assert gt.sum() == 130 and pred.sum() == 104
+    acc = InstanceMetricAccumulator(classes={1: "cytoplasm"})
+    acc.update({"masks": pred, "scores": torch.ones(1), "labels": torch.ones(1, dtype=torch.long)},
+               {"masks": gt, "labels": torch.ones(1, dtype=torch.long)}, "img")
+    res = acc.compute()
+    assert res["map_cytoplasm"] == pytest.approx(0.7)
+    assert res["map_mean"] == pytest.approx(0.7)
+    assert res["ap50_cytoplasm"] == pytest.approx(1.0) and res["ap75_cytoplasm"] == pytest.approx(1.0)
