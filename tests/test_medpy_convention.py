@@ -151,6 +151,9 @@ def test_method_evaluation_uses_the_convention(monkeypatch, convention):
     spacing = (10.0, 1.5, 1.5)
     batch = {"image": torch.zeros(1), "input_size": 24, "label": torch.from_numpy(gt),
              "spacing": torch.tensor(spacing, dtype=torch.float64), "case_id": "case0"}
+    # An evaluation choice: not in the checkpoint's hyper-parameters, which LightningCLI re-applies
+    # over the arguments of `kdseg test --ckpt_path`.
+    assert "distance_convention" not in method.hparams
     row = method._evaluate_volume(batch, surface=True)
     assert row["spacing"] == (None if convention == "medpy" else spacing)
     for c in (1, 2, 3):
@@ -161,3 +164,53 @@ def test_method_evaluation_uses_the_convention(monkeypatch, convention):
         else:
             expected = surface_distances(pred == c, gt == c, spacing, "monai")
             assert (m["hd95"], m["asd"]) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _fake_run(setting, method, seed, test_metrics):
+    from types import SimpleNamespace
+
+    from kdseg.reproduce.metrics import flatten_test_metrics
+
+    plan = SimpleNamespace(setting=setting, method=method, seed=seed, iterations=[10], stages=[object()], error=None)
+    return SimpleNamespace(plan=plan, has_metrics=True, status="finished", test_metrics=test_metrics,
+                           metrics=flatten_test_metrics("semantic", test_metrics))
+
+
+def _summary(missed, spurious, hd95, convention="medpy"):
+    per_class = {name: {"dice_mean": 0.8, "hd95_mean": hd95, "asd_mean": 1.0, "missed": m, "spurious": s}
+                 for name, m, s in zip(("RV", "Myo", "LV"), missed, spurious)}
+    return {"per_class": per_class, "mean": {"dice": 0.8, "hd95": hd95, "asd": 1.0}, "distance_unit": "pixel",
+            "distance_convention": convention}
+
+
+def test_table_names_the_convention_and_counts_misses():
+    from types import SimpleNamespace
+
+    from kdseg.reproduce import tables
+
+    method = SimpleNamespace(name="pce", label="pCE")
+    setting = SimpleNamespace(name="acdc_scribble", title="ACDC", task="semantic", methods={"pce": method})
+    results = [_fake_run(setting, method, 0, _summary([1, 0, 0], [0, 0, 2], 4.0)),
+               _fake_run(setting, method, 1, _summary([2, 0, 0], [0, 1, 0], 6.0))]
+    (row,) = tables.build_rows(setting, results, None)
+    assert row.misses == {"RV": [3, 0], "Myo": [0, 1], "LV": [0, 2]}
+    assert row.misses_cell(["RV", "Myo", "LV"]) == "3/0, 0/1, 0/2"
+    assert row.stats["hd95_mean"].mean == pytest.approx(5.0)
+
+    headers = [h for _, h, _ in tables._columns(setting, tables._unit(results, setting),
+                                               tables._convention(results, setting))]
+    assert "HD95 mean (medpy, pixel)" in headers and "ASD RV (medpy, pixel)" in headers
+    text = tables._distance_text("medpy", "pixel")
+    assert "medpy.metric.binary.hd95 / asd" in text and "no voxel spacing is used, as in the papers' code" in text
+
+    header, lines = tables.csv_rows(SimpleNamespace(settings={"acdc_scribble": setting}), results, None)
+    assert {"missed_RV", "spurious_LV", "distance_convention"} <= set(header)
+    assert (lines[0]["missed_RV"], lines[0]["spurious_LV"], lines[0]["distance_convention"]) == (3, 2, "medpy")
+
+    # Runs tested before the convention was recorded were MONAI's.
+    old = [_fake_run(setting, method, 0, {k: v for k, v in _summary([0] * 3, [0] * 3, 1.0).items()
+                                          if k != "distance_convention"})]
+    assert tables._convention(old, setting) == "monai"

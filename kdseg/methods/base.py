@@ -80,7 +80,8 @@ class SegmentationMethod(pl.LightningModule):
             ``asd`` on each 3D volume in voxel units, without the voxel spacing, as SSL4MIS /
             WSL4MIS ``code/test_2D_fully.py`` compute the papers' numbers; ``monai``: kdseg's
             earlier MONAI definitions, in mm when the data carry a spacing (see
-            :mod:`kdseg.metrics.distances`).
+            :mod:`kdseg.metrics.distances`). Not saved in checkpoints: ``kdseg test`` takes it
+            from its own config / command line.
         eval_slice_batch_size: slices per forward pass when segmenting a volume.
         init_weights_from: a checkpoint of an earlier run (e.g. the previous stage of a multi-stage
             method) whose matching weights initialise this one at the start of ``fit``; heads
@@ -108,8 +109,10 @@ class SegmentationMethod(pl.LightningModule):
         init_weights_from: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        check_convention(distance_convention)
+        # An evaluation choice, not part of the trained model: kept out of the checkpoint's
+        # hyper-parameters, which LightningCLI would otherwise re-apply over `kdseg test` arguments.
+        self.save_hyperparameters(ignore=["distance_convention"])
+        self.distance_convention = check_convention(distance_convention)
         self.network_config = network
         self.num_classes = num_classes
         self.scribble_ignore_index = scribble_ignore_index
@@ -212,7 +215,7 @@ class SegmentationMethod(pl.LightningModule):
         prediction = predict_volume(
             self.inference_network(), batch["image"], batch["input_size"], self.hparams.eval_slice_batch_size
         )
-        convention = self.hparams.distance_convention
+        convention = self.distance_convention
         spacing = batch["spacing"].tolist()
         # The papers' medpy calls pass no voxelspacing: their distances are in voxel steps.
         if convention == "medpy" or any(math.isnan(s) for s in spacing):
@@ -261,7 +264,7 @@ class SegmentationMethod(pl.LightningModule):
         summary = summarize(per_case, class_names)
         spacings = [row["spacing"] for row in rows]
         summary["distance_unit"] = "pixel" if any(s is None for s in spacings) else distance_unit(spacings[0])
-        summary["distance_convention"] = self.hparams.distance_convention
+        summary["distance_convention"] = self.distance_convention
         summary["class_names"] = {int(c): n for c, n in class_names.items() if 0 < int(c) < self.num_classes}
         return summary
 
