@@ -229,7 +229,9 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
             f"EDF images: {methods_where(lambda s: (s.get('data.init_args.unlabeled_batch_size') or 0) > 0 and s.get('data.init_args.use_edf'))}). "
             f"Training: {_size_text(values('data.init_args.image_size', 'original'))}, Mask R-CNN "
             f"backbone {values('model.init_args.detector.backbone')}, batch {values('data.init_args.batch_size')}; "
-            "iterations in the 'iters' column."
+            "iterations in the 'iters' column. Metrics scored "
+            + _scored_at_text(values('data.init_args.image_size', 'original'),
+                              values('data.init_args.eval_native_size', 'False')) + "."
         )
     parts.append(
         f"Checkpoint: `kdseg test` of the best checkpoint by {values('checkpoint.monitor')} on the validation set "
@@ -250,6 +252,15 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
             f"Papers' numbers: none recorded for this setting in {papers.path.name} (see its not_recorded list)."
         )
     return " ".join(parts)
+
+
+def _scored_at_text(size: str, native: str) -> str:
+    """Where instance metrics were scored; runs without ``eval_native_size`` predate it (resized)."""
+    if size == "original" or native == "True":
+        return "at the images' native size (ISBI 2014: 512 px; predicted masks resized back bilinearly)"
+    if native == "False":
+        return f"at the resized {size} px, not the native size"
+    return f"at native size in some runs, at {size} px in others ({native})"
 
 
 def _size_text(size: str) -> str:
