@@ -101,7 +101,8 @@ def test_fit_test_predict_roundtrip_and_nothing_overwritten(in_tmp_cwd: Path) ->
     test_dir = Path(test_cli.trainer.log_dir)
     metrics = json.loads((test_dir / "test_metrics.json").read_text())
     assert set(metrics["per_class"]) == {"RV", "Myo", "LV"}
-    assert metrics["distance_unit"] == "mm"  # the phantom has a known spacing
+    # medpy convention (default): no voxel spacing, as the papers' code, although the phantom has one
+    assert metrics["distance_unit"] == "pixel" and metrics["distance_convention"] == "medpy"
     assert metrics["num_volumes"] == 2  # 1 test patient x 2 frames
     rows = (test_dir / "test_cases.csv").read_text().strip().splitlines()
     assert rows[0].startswith("case_id,dice_RV,hd95_RV,asd_RV,status_RV")

@@ -391,3 +391,82 @@ def test_accumulator_score_threshold_and_batches(phantoms):
 def test_accumulator_empty():
     res = InstanceMetricAccumulator().compute()
     assert math.isnan(res["aji_mean"]) and math.isnan(res["map_mean"]) and res["num_images"] == 0
+
+
+def test_map_counts_a_pair_at_iou_exactly_0_8_as_coco_does():
+    # GT 10 x 13 = 130 px, prediction its first 8 rows = 104 px: IoU = 104/130 = 0.8 exactly.
+    # COCO matches at IoU >= t, so thresholds 0.50 .. 0.80 (7 of 10) count the pair: AP = 0.7.
+    # With torchmetrics' float32 thresholds 0.8 becomes 0.800000012 and AP drops to 0.6.
+    gt = box_mask((20, 20), 2, 11, 3, 15)[None]
+    pred = box_mask((20, 20), 2, 9, 3, 15)[None]
+    assert gt.sum() == 130 and pred.sum() == 104
+    acc = InstanceMetricAccumulator(classes={1: "cytoplasm"})
+    acc.update({"masks": pred, "scores": torch.ones(1), "labels": torch.ones(1, dtype=torch.long)},
+               {"masks": gt, "labels": torch.ones(1, dtype=torch.long)}, "img")
+    res = acc.compute()
+    assert res["map_cytoplasm"] == pytest.approx(0.7)
+    assert res["map_mean"] == pytest.approx(0.7)
+    assert res["ap50_cytoplasm"] == pytest.approx(1.0) and res["ap75_cytoplasm"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- native-size scoring
+
+
+def test_masks_to_size_bilinear_then_threshold_by_hand():
+    from kdseg.metrics.native_size import masks_to_size
+
+    # Probabilities 1 in columns 1..2 of a 1 x 4 row, upsampled x2 (align_corners=False): output
+    # column x samples input (x + 0.5) / 2 - 0.5, so x = 1 -> 0.25 (p 0.25, off), x = 2 -> 0.75
+    # (p 0.75, on), ..., x = 5 -> 2.25 (p 0.75, on), x = 6 -> 2.75 (p 0.25, off).
+    probs = torch.tensor([[[0.0, 1.0, 1.0, 0.0]] * 2])  # (1, 2, 4)
+    out = masks_to_size(probs[:, None], (4, 8))
+    assert out.dtype == torch.bool and out.shape == (1, 4, 8)
+    assert out[0, 0].tolist() == [False, False, True, True, True, True, False, False]
+    # A soft edge moves with the probabilities, which a binary mask would have lost: p = 0.45
+    # at column 1 is off at the input size, yet its upsampled right half (0.45 .. 1) is on.
+    soft = masks_to_size(torch.tensor([[[0.0, 0.45, 1.0, 1.0]]]), (1, 8))
+    assert soft[0, 0].tolist() == [False, False, False, True, True, True, True, True]
+    same = masks_to_size(torch.tensor([[[0.2, 0.5]]]), (1, 2))
+    assert same[0, 0].tolist() == [False, True]
+    assert masks_to_size(torch.zeros((0, 1, 4, 4)), (8, 8)).shape == (0, 8, 8)
+
+
+def test_prediction_at_a_smaller_size_is_scored_against_the_native_ground_truth():
+    from kdseg.data.instance_datamodule import CervicalCellDataModule, resize_sample
+    from kdseg.methods.instance_base import InstanceSegmentationMethod, _unpack
+    from kdseg.metrics.instance import aggregated_jaccard_index
+
+    dm = CervicalCellDataModule(phantom_num_images=5, phantom_size=128, image_size=64, num_val_images=2)
+    dm.setup("fit")
+    image, target, image_id = dm.val_dataloader().dataset[0]
+    assert image.shape == (1, 64, 64) and target["masks"].shape[-2:] == (128, 128)
+    native = dm.val_targets[0]
+    assert native.image_id == image_id and native.masks.shape[-2:] == (128, 128)
+    small = CervicalCellDataModule(phantom_num_images=5, phantom_size=128, image_size=64, num_val_images=2,
+                                   eval_native_size=False)
+    small.setup("fit")
+    assert small.val_dataloader().dataset[0][1]["masks"].shape[-2:] == (64, 64)
+
+    # The "network" predicts the ground truth as seen at 64 px (resize_sample's area + 0.5).
+    seen = resize_sample(native, 64)
+    outputs = [{"masks": torch.from_numpy(seen.masks).float()[:, None], "labels": torch.from_numpy(seen.labels),
+                "scores": torch.ones(len(seen.labels))}]
+
+    class Fake:
+        _eval_records: list = []
+
+        def __call__(self, images):
+            assert images[0].shape == (1, 64, 64)
+            return outputs
+
+    fake = Fake()
+    InstanceSegmentationMethod._evaluate_batch(fake, [(image, target, image_id)])
+    (_, pred, gt), = fake._eval_records
+    pred_masks, gt_masks = _unpack(pred["masks"]), _unpack(gt["masks"])
+    assert pred_masks.shape[-2:] == gt_masks.shape[-2:] == (128, 128)
+    assert np.array_equal(gt_masks, native.masks)
+    keep = np.isin(seen.labels, [1])
+    native_aji = aggregated_jaccard_index(pred_masks[keep], native.masks[native.labels == 1])
+    # Scored at 64 px the prediction would be perfect; at 128 px the resampling shows.
+    assert aggregated_jaccard_index(seen.masks[keep], seen.masks[keep]) == 1.0
+    assert 0.8 < native_aji < 1.0

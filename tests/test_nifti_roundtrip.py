@@ -48,9 +48,11 @@ def test_raw_nifti_fit_test_predict(in_tmp_cwd: Path) -> None:
     run_dir = Path(cli.trainer.log_dir)
     ckpt = cli.trainer.checkpoint_callback.best_model_path
 
-    test = run_cli(["test", f"--config={run_dir / 'config.yaml'}", f"--ckpt_path={ckpt}"])
+    # The MONAI convention uses the NIfTI spacing (mm); the default medpy one does not (papers' code).
+    test = run_cli(["test", f"--config={run_dir / 'config.yaml'}", f"--ckpt_path={ckpt}",
+                    "--model.init_args.distance_convention=monai"])
     metrics = json.loads((Path(test.trainer.log_dir) / "test_metrics.json").read_text())
-    assert metrics["distance_unit"] == "mm"
+    assert metrics["distance_unit"] == "mm" and metrics["distance_convention"] == "monai"
 
     out = in_tmp_cwd / "masks"
     run_cli(["predict", f"--config={run_dir / 'config.yaml'}", f"--ckpt_path={ckpt}",

@@ -1,8 +1,10 @@
-"""Tests of kdseg.metrics.segmentation: hand-computed Dice/HD95/ASD, a scipy reference, empty cases."""
+"""Tests of kdseg.metrics.segmentation: hand-computed Dice/HD95/ASD (MONAI convention), a scipy
+reference, empty cases (both conventions)."""
 
 from __future__ import annotations
 
 import json
+import functools
 import math
 import warnings
 
@@ -15,6 +17,8 @@ from kdseg.metrics import ClassMetrics, distance_unit, summarize, volume_metrics
 from kdseg.metrics.segmentation import dice_score, volume_diagonal
 
 # ----------------------------------------------------------------------------- helpers
+
+monai_metrics = functools.partial(volume_metrics, convention="monai")
 
 
 def _squares_2d(shift: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,6 +102,8 @@ def test_dice_by_hand():
 
 
 # ----------------------------------------------------------------------------- HD95 / ASD by hand
+# The MONAI convention (larger directed p95, pooled symmetric mean); the medpy one, the
+# default, is tested against medpy itself in tests/test_medpy_convention.py.
 
 # Squares shifted by k rows, unit spacing. Each border has 12 px (two full rows of 4 plus 2x2
 # side pixels). Pred -> gt distances:
@@ -108,7 +114,7 @@ def test_dice_by_hand():
 @pytest.mark.parametrize(("shift", "hd95", "asd"), [(1, 1.0, 0.5), (2, 2.0, 1.0)])
 def test_2d_squares_by_hand(shift, hd95, asd):
     pred, gt = _squares_2d(shift)
-    m = volume_metrics(pred, gt, num_classes=2)[1]
+    m = monai_metrics(pred, gt, num_classes=2)[1]
     assert m.status == "ok"
     assert m.dice == pytest.approx(2 * (16 - 4 * shift) / 32)
     assert m.hd95 == pytest.approx(hd95, abs=1e-5)
@@ -120,7 +126,7 @@ def test_2d_squares_anisotropic_by_hand():
     # row 4 sides 0, bottom row inner px 1 mm (column neighbour is nearer than 2 mm) -> sum 22.
     # ASD = 22/12; sorted [0,0,0,0,1,1,2,2,4,4,4,4] -> HD95 = 4 mm.
     pred, gt = _squares_2d(2)
-    m = volume_metrics(pred, gt, num_classes=2, spacing=(2.0, 1.0))[1]
+    m = monai_metrics(pred, gt, num_classes=2, spacing=(2.0, 1.0))[1]
     assert m.hd95 == pytest.approx(4.0, abs=1e-5)
     assert m.asd == pytest.approx(22 / 12, abs=1e-5)
 
@@ -133,7 +139,7 @@ def test_2d_squares_anisotropic_by_hand():
 @pytest.mark.parametrize("s_z", [1.0, 10.0])
 def test_3d_z_shift_anisotropic_by_hand(s_z):
     pred, gt = _cubes_3d()
-    m = volume_metrics(pred, gt, num_classes=2, spacing=(s_z, 1.0, 1.0))[1]
+    m = monai_metrics(pred, gt, num_classes=2, spacing=(s_z, 1.0, 1.0))[1]
     assert m.status == "ok"
     assert m.dice == pytest.approx(2 * 48 / 128)
     assert m.hd95 == pytest.approx(s_z, abs=1e-5)
@@ -142,8 +148,8 @@ def test_3d_z_shift_anisotropic_by_hand(s_z):
 
 def test_3d_no_spacing_is_pixels():
     pred, gt = _cubes_3d()
-    m_px = volume_metrics(pred, gt, num_classes=2)[1]
-    m_iso = volume_metrics(pred, gt, num_classes=2, spacing=(1.0, 1.0, 1.0))[1]
+    m_px = monai_metrics(pred, gt, num_classes=2)[1]
+    m_iso = monai_metrics(pred, gt, num_classes=2, spacing=(1.0, 1.0, 1.0))[1]
     assert (m_px.hd95, m_px.asd) == pytest.approx((m_iso.hd95, m_iso.asd))
     assert m_px.asd == pytest.approx(20 / 56, abs=1e-5)
     assert distance_unit(None) == "pixel"
@@ -155,8 +161,8 @@ def test_spacing_doubled_doubles_distances():
     gt = _random_labels(rng, (8, 20, 20), 3)
     pred = _random_labels(rng, (8, 20, 20), 3)
     spacing = (2.5, 0.7, 0.9)
-    a = volume_metrics(pred, gt, num_classes=3, spacing=spacing)
-    b = volume_metrics(pred, gt, num_classes=3, spacing=tuple(2 * s for s in spacing))
+    a = monai_metrics(pred, gt, num_classes=3, spacing=spacing)
+    b = monai_metrics(pred, gt, num_classes=3, spacing=tuple(2 * s for s in spacing))
     for c in (1, 2):
         assert a[c].status == "ok"
         assert b[c].dice == a[c].dice
@@ -183,7 +189,7 @@ def test_matches_scipy_reference(seed, shape, spacing):
     pred = np.roll(gt, shift=1, axis=-1)
     noise = _random_labels(rng, shape, num_classes)
     pred = np.where(rng.random(shape) < 0.05, noise, pred)
-    metrics = volume_metrics(pred, gt, num_classes=num_classes, spacing=spacing)
+    metrics = monai_metrics(pred, gt, num_classes=num_classes, spacing=spacing)
     for c in range(1, num_classes):
         assert metrics[c].status == "ok"
         hd95, asd = _reference(pred == c, gt == c, spacing)
@@ -199,7 +205,7 @@ def test_monai_border_is_face_connected():
     ii, jj = np.mgrid[-5:6, -5:6]
     gt = (np.abs(ii) + np.abs(jj) <= 2).astype(np.int64)
     pred = np.roll(gt, 1, axis=0)
-    m = volume_metrics(pred, gt, num_classes=2)[1]
+    m = monai_metrics(pred, gt, num_classes=2)[1]
     face = _reference(pred == 1, gt == 1, None, connectivity=1)
     full = _reference(pred == 1, gt == 1, None, connectivity=2)
     assert _border(gt == 1, 1).sum() == 8 and _border(gt == 1, 2).sum() == 12
@@ -221,13 +227,14 @@ def _empty_cases_volume() -> tuple[np.ndarray, np.ndarray]:
     return pred, gt
 
 
+@pytest.mark.parametrize("convention", ["medpy", "monai"])
 @pytest.mark.parametrize(("spacing", "diag"), [(None, 13.0), ((2.0, 2.0, 2.0), 26.0)])
-def test_empty_cases_policy(spacing, diag):
+def test_empty_cases_policy(spacing, diag, convention):
     pred, gt = _empty_cases_volume()
     assert volume_diagonal(pred.shape, spacing) == pytest.approx(diag)  # sqrt(3^2+4^2+12^2) = 13
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        m = volume_metrics(pred, gt, num_classes=5, spacing=spacing)
+        m = volume_metrics(pred, gt, num_classes=5, spacing=spacing, convention=convention)
     assert [str(w.message) for w in caught] == []  # no MONAI empty-mask / deprecation warnings
     assert m[1] == ClassMetrics(dice=1.0, hd95=0.0, asd=0.0, status="ok")
     assert m[2] == ClassMetrics(dice=0.0, hd95=diag, asd=diag, status="missed")

@@ -22,7 +22,8 @@ Batches (lists, because torchvision's detection models take lists of images):
   "unlabeled": [image, ...]}`` (``"unlabeled"`` only when ``unlabeled_batch_size > 0`` and there
   are unlabeled images); ``image`` is float32 ``(1, H, W)`` in [0, 1], ``target`` the dict of
   :meth:`InstanceSample.to_target` (``boxes``, ``labels``, ``masks``);
-- val / test: ``[(image, target, image_id), ...]``;
+- val / test: ``[(image, target, image_id), ...]``; ``target`` at the image's native size even
+  when ``image`` was resized (``eval_native_size``, below);
 - predict: ``[(image, image_id), ...]``, from ``predict_root`` (a folder of images) when set,
   else the test images.
 
@@ -30,6 +31,10 @@ Sizes: ``image_size`` resizes every image at load (longer side; masks by area in
 then >= 0.5) to shrink the problem for a CPU; ``crop_size`` additionally trains on random
 ``crop_size`` crops (instances cut to nothing, or to fewer than ``min_instance_area`` pixels,
 are dropped). Training images are weakly augmented (random rot90 / flips) when ``augment``.
+Validation / test metrics are scored at the images' native size (``eval_native_size``, default):
+the network sees the resized image, its masks are resized back to the native ground truth by
+the method (:meth:`kdseg.methods.instance_base.InstanceSegmentationMethod._evaluate_batch`), as
+the ISBI 2014 literature reports at 512 px and as ACDC volumes are scored at their own size.
 """
 
 from __future__ import annotations
@@ -182,17 +187,24 @@ class UnlabeledImageDataset(Dataset):
 
 
 class EvalInstanceDataset(Dataset):
-    """Validation / test items ``(image (1, H, W), target dict, image_id)``, whole images."""
+    """Validation / test items ``(image (1, H, W), target dict, image_id)``, whole images.
 
-    def __init__(self, samples: Sequence[InstanceSample]) -> None:
+    ``targets``: the same images' annotations at another (native) size, paired by position;
+    None = each sample's own annotations.
+    """
+
+    def __init__(self, samples: Sequence[InstanceSample], targets: Sequence[InstanceSample] | None = None) -> None:
         self.samples = list(samples)
+        self.targets = list(targets) if targets is not None else self.samples
+        if [s.image_id for s in self.targets] != [s.image_id for s in self.samples]:
+            raise ValueError("evaluation targets must be the same images as the samples, in the same order")
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor], str]:
         s = self.samples[index]
-        return torch.from_numpy(s.image)[None].float(), s.to_target(), s.image_id
+        return torch.from_numpy(s.image)[None].float(), self.targets[index].to_target(), s.image_id
 
 
 class PredictImageDataset(Dataset):
@@ -235,6 +247,8 @@ class CervicalCellDataModule(pl.LightningDataModule):
         split_seed: seed of the held-out and labeled splits.
         image_size: resize every image (longer side) at load; None keeps the original size.
             EDF images (1024 px) are resized to ``image_size`` or, when None, to 512 (ISBI scale).
+        eval_native_size: validation / test targets stay at the native size (ISBI: 512 px), so
+            metrics are scored there; False scores at ``image_size`` (kdseg before 2026-12).
         crop_size: random square training crops (None: whole images).
         batch_size, unlabeled_batch_size: labeled / unlabeled images per training step
             (``unlabeled_batch_size: 0`` = no unlabeled stream).
@@ -266,6 +280,7 @@ class CervicalCellDataModule(pl.LightningDataModule):
         num_test_images: int = 0,
         split_seed: int = 0,
         image_size: int | None = None,
+        eval_native_size: bool = True,
         crop_size: int | None = None,
         batch_size: int = 2,
         unlabeled_batch_size: int = 0,
@@ -306,6 +321,7 @@ class CervicalCellDataModule(pl.LightningDataModule):
         self.num_test_images = num_test_images
         self.split_seed = split_seed
         self.image_size = image_size
+        self.eval_native_size = eval_native_size
         self.crop_size = crop_size
         self.batch_size = batch_size
         self.unlabeled_batch_size = unlabeled_batch_size
@@ -323,6 +339,9 @@ class CervicalCellDataModule(pl.LightningDataModule):
         self.unlabeled_samples: list[InstanceSample] = []
         self.val_samples: list[InstanceSample] = []
         self.test_samples: list[InstanceSample] = []
+        # The validation / test images' annotations at native size (same order as the samples).
+        self.val_targets: list[InstanceSample] = []
+        self.test_targets: list[InstanceSample] = []
         self.predict_samples: list[InstanceSample] = []
         self._loaded = False
 
@@ -366,7 +385,9 @@ class CervicalCellDataModule(pl.LightningDataModule):
         """Reads the source once and makes the splits (idempotent)."""
         if self._loaded:
             return
-        samples = self._resize(self._read_annotated())
+        native = self._read_annotated()
+        samples = self._resize(native)
+        targets = native if self.eval_native_size else samples
         held_out = self.num_val_images + self.num_test_images
         if len(samples) <= held_out:
             raise DataError(
@@ -377,7 +398,9 @@ class CervicalCellDataModule(pl.LightningDataModule):
         val_idx = set(order[: self.num_val_images].tolist())
         test_idx = set(order[self.num_val_images : held_out].tolist())
         self.val_samples = [s for i, s in enumerate(samples) if i in val_idx]
+        self.val_targets = [s for i, s in enumerate(targets) if i in val_idx]
         self.test_samples = [s for i, s in enumerate(samples) if i in test_idx] or list(self.val_samples)
+        self.test_targets = [s for i, s in enumerate(targets) if i in test_idx] or list(self.val_targets)
         pool = [s for i, s in enumerate(samples) if i not in val_idx and i not in test_idx]
         if self.num_labeled is None and self.labeled_fraction is None:
             labeled, unlabeled = pool, []
@@ -442,10 +465,11 @@ class CervicalCellDataModule(pl.LightningDataModule):
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(EvalInstanceDataset(self.val_samples), self.eval_batch_size, shuffle=False)
+        return self._loader(EvalInstanceDataset(self.val_samples, self.val_targets), self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(EvalInstanceDataset(self.test_samples), self.eval_batch_size, shuffle=False)
+        return self._loader(EvalInstanceDataset(self.test_samples, self.test_targets), self.eval_batch_size,
+                            shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(PredictImageDataset(self.predict_samples), self.eval_batch_size, shuffle=False)

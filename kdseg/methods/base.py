@@ -17,7 +17,7 @@ import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from kdseg.callbacks.ema import EMATeacher
 from kdseg.callbacks.run_dir import run_dir
+from kdseg.metrics.distances import check_convention
 from kdseg.metrics.segmentation import distance_unit, summarize, volume_metrics
 from kdseg.networks.inference import predict_volume
 from kdseg.networks.unet import NetworkOutput, SegmentationNetwork
@@ -75,6 +76,12 @@ class SegmentationMethod(pl.LightningModule):
         momentum, weight_decay: SGD settings (0.9, 1e-4 in SSL4MIS).
         poly_power: exponent of the poly schedule.
         val_surface_metrics: also compute HD95/ASD at validation (slower; test always does).
+        distance_convention: ``medpy`` (default): HD95 / ASD are ``medpy.metric.binary.hd95`` /
+            ``asd`` on each 3D volume in voxel units, without the voxel spacing, as SSL4MIS /
+            WSL4MIS ``code/test_2D_fully.py`` compute the papers' numbers; ``monai``: kdseg's
+            earlier MONAI definitions, in mm when the data carry a spacing (see
+            :mod:`kdseg.metrics.distances`). Not saved in checkpoints: ``kdseg test`` takes it
+            from its own config / command line.
         eval_slice_batch_size: slices per forward pass when segmenting a volume.
         init_weights_from: a checkpoint of an earlier run (e.g. the previous stage of a multi-stage
             method) whose matching weights initialise this one at the start of ``fit``; heads
@@ -97,11 +104,15 @@ class SegmentationMethod(pl.LightningModule):
         weight_decay: float = 1e-4,
         poly_power: float = 0.9,
         val_surface_metrics: bool = False,
+        distance_convention: Literal["medpy", "monai"] = "medpy",
         eval_slice_batch_size: int = 16,
         init_weights_from: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # An evaluation choice, not part of the trained model: kept out of the checkpoint's
+        # hyper-parameters, which LightningCLI would otherwise re-apply over `kdseg test` arguments.
+        self.save_hyperparameters(ignore=["distance_convention"])
+        self.distance_convention = check_convention(distance_convention)
         self.network_config = network
         self.num_classes = num_classes
         self.scribble_ignore_index = scribble_ignore_index
@@ -204,10 +215,16 @@ class SegmentationMethod(pl.LightningModule):
         prediction = predict_volume(
             self.inference_network(), batch["image"], batch["input_size"], self.hparams.eval_slice_batch_size
         )
+        convention = self.distance_convention
         spacing = batch["spacing"].tolist()
-        spacing = None if any(math.isnan(s) for s in spacing) else tuple(spacing)
+        # The papers' medpy calls pass no voxelspacing: their distances are in voxel steps.
+        if convention == "medpy" or any(math.isnan(s) for s in spacing):
+            spacing = None
+        else:
+            spacing = tuple(spacing)
         per_class = volume_metrics(
-            prediction.cpu().numpy(), batch["label"].cpu().numpy(), self.num_classes, spacing, surface=surface
+            prediction.cpu().numpy(), batch["label"].cpu().numpy(), self.num_classes, spacing,
+            surface=surface, convention=convention,
         )
         return {
             "case_id": batch["case_id"],
@@ -247,6 +264,7 @@ class SegmentationMethod(pl.LightningModule):
         summary = summarize(per_case, class_names)
         spacings = [row["spacing"] for row in rows]
         summary["distance_unit"] = "pixel" if any(s is None for s in spacings) else distance_unit(spacings[0])
+        summary["distance_convention"] = self.distance_convention
         summary["class_names"] = {int(c): n for c, n in class_names.items() if 0 < int(c) < self.num_classes}
         return summary
 
@@ -316,7 +334,7 @@ class SegmentationMethod(pl.LightningModule):
 
 def format_summary_table(summary: dict[str, Any]) -> str:
     """A plain-text table of per-class and mean Dice / HD95 / ASD (mean +- std over volumes)."""
-    unit = summary.get("distance_unit", "")
+    unit = ", ".join(v for v in (summary.get("distance_convention"), summary.get("distance_unit")) if v)
     lines = [
         f"{'class':<8} {'Dice':>16} {'HD95 (' + unit + ')':>20} {'ASD (' + unit + ')':>20} {'missed':>7}",
     ]

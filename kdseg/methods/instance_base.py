@@ -51,6 +51,7 @@ from kdseg.callbacks.run_dir import run_dir
 from kdseg.data.augment import StrongPerturbation, random_erasing
 from kdseg.losses.segmentation import sigmoid_rampup
 from kdseg.methods.base import EMATeacherMixin, next_free_path
+from kdseg.metrics.native_size import masks_to_size
 
 # The EMA teacher stays in eval mode on purpose; Lightning warns about it.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -589,9 +590,12 @@ class InstanceSegmentationMethod(pl.LightningModule):
     def _evaluate_batch(self, batch: Sequence[tuple[Tensor, dict[str, Tensor], str]]) -> None:
         outputs = self([item[0] for item in batch])
         for out, (_, target, image_id) in zip(outputs, batch):
+            # Scored at the target's size (native when the data module resized the image): the
+            # mask probabilities are resized bilinearly, then thresholded (kdseg.metrics.native_size).
+            masks = masks_to_size(out["masks"], tuple(target["masks"].shape[-2:]))
             # Masks are kept bit-packed until the epoch ends (8x less memory for large test sets).
             pred = {
-                "masks": _pack((out["masks"][:, 0] >= 0.5).cpu().numpy()),
+                "masks": _pack(masks.cpu().numpy()),
                 "scores": out["scores"].float().cpu().numpy(),
                 "labels": out["labels"].cpu().numpy(),
             }
@@ -663,6 +667,9 @@ class InstanceSegmentationMethod(pl.LightningModule):
             "num_images": int(summary["num_images"]),
             "class_names": {int(k): v for k, v in self.class_names().items()},
             "score_threshold": self.hparams.eval_score_threshold,
+            # The size the metrics were scored at: native unless the data module says otherwise.
+            "image_size": getattr(datamodule, "image_size", None),
+            "eval_native_size": bool(getattr(datamodule, "eval_native_size", True)),
             "metrics": {k: _json_safe(float(v)) for k, v in summary.items() if k != "num_images"},
         }
         json_path = next_free_path(directory / "test_metrics.json")

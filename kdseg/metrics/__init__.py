@@ -1,5 +1,7 @@
 """Segmentation metrics (per volume, per class): Dice, HD95, ASD and their summaries."""
 
+from kdseg.metrics.distances import DISTANCE_CONVENTIONS, surface_distances
+
 from kdseg.metrics.segmentation import (
     STATUSES,
     ClassMetrics,
@@ -11,11 +13,13 @@ from kdseg.metrics.segmentation import (
 )
 
 __all__ = [
+    "DISTANCE_CONVENTIONS",
     "STATUSES",
     "ClassMetrics",
     "dice_score",
     "distance_unit",
     "summarize",
+    "surface_distances",
     "volume_diagonal",
     "volume_metrics",
 ]

@@ -28,6 +28,11 @@ from scipy.optimize import linear_sum_assignment
 
 DEFAULT_CLASSES: dict[int, str] = {1: "cytoplasm", 2: "nucleus"}
 
+#: COCO's IoU thresholds 0.50:0.05:0.95, bit for bit as pycocotools builds them (float64
+#: ``np.linspace``, ``cocoeval.Params``). torchmetrics' default builds them in float32, where 0.8
+#: becomes 0.800000012 and a pair at IoU exactly 0.8 (e.g. 104/130) is no longer a match.
+COCO_IOU_THRESHOLDS: tuple[float, ...] = tuple(np.linspace(0.5, 0.95, 10).tolist())
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -312,7 +317,8 @@ class InstanceMetricAccumulator:
       nothing was matched, NaN if it has no GT).
     - ``map_<cls>``, ``ap50_<cls>``, ``ap75_<cls>``: COCO mask AP (IoU 0.50:0.95, 0.50, 0.75)
       from ``torchmetrics.detection.MeanAveragePrecision(iou_type="segm", class_metrics=True)``
-      (pycocotools backend); NaN for a class without GT.
+      (pycocotools backend, COCO's float64 IoU thresholds :data:`COCO_IOU_THRESHOLDS`); NaN for a
+      class without GT.
     - ``*_mean``: the mean over classes of the defined (non-NaN) per-class values; for mAP this
       equals torchmetrics' ``map`` / ``map_50`` / ``map_75``.
 
@@ -361,6 +367,7 @@ class InstanceMetricAccumulator:
                 class_metrics=True,
                 extended_summary=True,
                 max_detection_thresholds=[1, 10, self.max_detections],
+                iou_thresholds=list(COCO_IOU_THRESHOLDS),
                 backend="pycocotools",
             )
 
@@ -472,7 +479,7 @@ class InstanceMetricAccumulator:
             return out  # COCO AP is undefined without ground truth
         res = self._map.compute()
         precision = res["precision"].double().numpy()  # (T, R, K, A, M); area "all", last maxDet
-        iou_thrs = np.linspace(0.5, 0.95, precision.shape[0])
+        iou_thrs = np.asarray(COCO_IOU_THRESHOLDS)
         classes = res["classes"].reshape(-1).tolist()
 
         def ap(k: int, t: int | None) -> float:

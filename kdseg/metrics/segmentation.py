@@ -2,38 +2,24 @@
 
 Every metric is computed on one whole 3D volume ``(D, H, W)`` (or one 2D image ``(H, W)``)
 for each foreground class ``1 .. C-1``; background (class 0) is never scored. Distances are
-in mm when the voxel spacing is known (``spacing`` in the same axis order as the array, e.g.
-``(z, y, x)``) and in pixels (unit spacing) otherwise; :func:`distance_unit` names the unit.
+in mm when a voxel spacing is given (``spacing`` in the same axis order as the array, e.g.
+``(z, y, x)``) and in voxels (unit spacing) otherwise; :func:`distance_unit` names the unit.
 
-* **Dice** ``2|P∩G| / (|P| + |G|)`` (a small pure function, :func:`dice_score`).
-* **HD95** from :func:`monai.metrics.compute_hausdorff_distance` with ``percentile=95``.
-* **ASD** (average *symmetric* surface distance) from
-  :func:`monai.metrics.compute_average_surface_distance` with ``symmetric=True``.
+* **Dice** ``2|P∩G| / (|P| + |G|)`` (a small pure function, :func:`dice_score`); equals medpy's
+  ``dc``.
+* **HD95** and **ASD** from :func:`kdseg.metrics.distances.surface_distances` in the chosen
+  ``convention``: ``"medpy"`` (default; ``medpy.metric.binary.hd95`` and ``.asd`` themselves,
+  what SSL4MIS / WSL4MIS / ACTION report: pooled 95th percentile, directed mean from the
+  prediction to the ground truth) or ``"monai"`` (larger directed 95th percentile, pooled
+  symmetric mean). See that module for the exact definitions and the papers' code they follow.
 
-What MONAI 1.6.1 computes (checked against its source and against an independent scipy
-implementation in ``tests/test_segmentation_metrics.py``):
-
-* The surface ("edge") of a mask is ``mask XOR binary_erosion(mask)`` with scipy's default
-  structuring element, i.e. the *face*-connected cross (6-neighbourhood in 3D, 4 in 2D),
-  not the full 26/8-neighbourhood, with everything outside the array counted as background
-  (a mask touching the array border has a surface there).
-* Distances are from each surface voxel of one mask to the nearest surface voxel of the
-  other (voxel centres scaled by the spacing), so a voxel of P lying inside G still has a
-  non-zero distance to G's surface.
-* HD95 is ``max(p95(d(P→G)), p95(d(G→P)))``: the larger of the two *directed* 95th
-  percentiles (linear interpolation, ``torch.quantile``). medpy's ``hd95`` instead takes
-  the 95th percentile of both directions pooled, so numbers are not interchangeable.
-* ASD is the mean of both directions pooled, ``(Σd(P→G) + Σd(G→P)) / (|∂P| + |∂G|)``
-  (DeepMind surface-distance style); medpy's ``assd`` is the mean of the two directed means.
-
-Empty-case policy (decided here, *before* MONAI is called, so MONAI never sees an empty
-mask and its "is all 0, this may result in nan/inf distance" warnings cannot appear; MONAI
-itself would return nan for such cases):
+Empty-case policy (decided here, before any distance is computed: medpy raises a RuntimeError
+for an empty mask and MONAI returns nan):
 
 ================  =========================  ======  =============================
 status            ground truth / prediction  Dice    HD95 and ASD
 ================  =========================  ======  =============================
-``"ok"``          present / present          Dice    from MONAI
+``"ok"``          present / present          Dice    from medpy (or MONAI)
 ``"both_empty"``  absent / absent            1.0     0.0
 ``"missed"``      present / absent           0.0     diagonal of the volume
 ``"spurious"``    absent / present           0.0     diagonal of the volume
@@ -41,8 +27,9 @@ status            ground truth / prediction  Dice    HD95 and ASD
 
 Reasons: an absent structure that is predicted absent is a correct prediction (perfect
 scores). A missed or spurious structure has no surface pair to measure, and the widely
-copied SSL4MIS ``calculate_metric_percase`` (medpy-based) returns a distance of 0 for it,
-which *rewards* a miss with a perfect boundary score; dropping the case would hide it too.
+copied SSL4MIS ``calculate_metric_percase`` of ``code/val_2D.py`` returns a distance of 0 for
+it, which *rewards* a miss with a perfect boundary score (its ``test_2D_fully.py`` has no branch
+and medpy raises); dropping the case would hide it too.
 Here it is penalised as the worst possible distance, the diagonal of the volume's physical
 extent ``sqrt(sum((n_i * s_i) ** 2))`` (``s_i = 1`` without spacing), and the status is
 kept so that :func:`summarize` can count misses per class.
@@ -51,14 +38,14 @@ kept so that :func:`summarize` can count misses per class.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+from kdseg.metrics.distances import check_convention, surface_distances
 
 __all__ = [
     "ClassMetrics",
@@ -82,9 +69,9 @@ class ClassMetrics:
 
     Attributes:
         dice: Dice coefficient in [0, 1].
-        hd95: 95th-percentile symmetric Hausdorff distance (mm, or pixels without spacing);
-            nan when surface metrics were not requested.
-        asd: average symmetric surface distance (same unit); nan when not requested.
+        hd95: 95th-percentile Hausdorff distance (mm, or voxels without spacing) in the
+            convention of :func:`volume_metrics`; nan when surface metrics were not requested.
+        asd: average surface distance (same unit and convention); nan when not requested.
         status: ``"ok"``, ``"missed"`` (in ground truth, prediction empty), ``"spurious"``
             (predicted, ground truth empty) or ``"both_empty"``; see the module docstring.
     """
@@ -100,7 +87,8 @@ class ClassMetrics:
 
 
 def distance_unit(spacing: Sequence[float] | None) -> str:
-    """Unit of HD95/ASD: ``"mm"`` when a spacing is known, ``"pixel"`` otherwise."""
+    """Unit of HD95/ASD: ``"mm"`` when a spacing is used, ``"pixel"`` (one voxel step, unit
+    spacing, also for 3D volumes) otherwise."""
     return "pixel" if spacing is None else "mm"
 
 
@@ -153,31 +141,13 @@ def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, .
     return s
 
 
-def _monai_surface_metrics(
-    pred_onehot: torch.Tensor, gt_onehot: torch.Tensor, spacing: tuple[float, ...] | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """HD95 and ASD per channel of ``(1, K, *spatial)`` bool one-hot masks, all non-empty."""
-    with warnings.catch_warnings():
-        # Empty masks never reach MONAI (policy above); this only guards against the message.
-        warnings.filterwarnings("ignore", message=r".*is all 0, this may result in nan/inf distance.*")
-        # MONAI 1.6.1 passes its own deprecated `always_return_as_numpy` argument internally
-        # (get_edge_surface_distance -> get_mask_edges), emitting a FutureWarning every call.
-        warnings.filterwarnings("ignore", message=r".*always_return_as_numpy.*", category=FutureWarning)
-        hd95 = compute_hausdorff_distance(
-            pred_onehot, gt_onehot, include_background=True, percentile=95, spacing=spacing
-        )
-        asd = compute_average_surface_distance(
-            pred_onehot, gt_onehot, include_background=True, symmetric=True, spacing=spacing
-        )
-    return hd95[0].double().numpy(), asd[0].double().numpy()
-
-
 def volume_metrics(
     prediction: np.ndarray | torch.Tensor,
     target: np.ndarray | torch.Tensor,
     num_classes: int,
     spacing: tuple[float, ...] | None = None,
     surface: bool = True,
+    convention: str = "medpy",
 ) -> dict[int, ClassMetrics]:
     """Dice, HD95 and ASD of every foreground class of one volume.
 
@@ -189,6 +159,8 @@ def volume_metrics(
             None means unit spacing and distances in pixels.
         surface: when False only Dice (and status) is computed; ``hd95``/``asd`` are nan.
             For fast validation.
+        convention: ``"medpy"`` (the papers' definitions, default) or ``"monai"``; see
+            :mod:`kdseg.metrics.distances`.
 
     Returns:
         ``{class_index: ClassMetrics}`` for ``class_index`` in ``1..num_classes-1``. Empty
@@ -208,6 +180,7 @@ def volume_metrics(
                 f"{name} labels must lie in [0, {num_classes}), got range [{arr.min()}, {arr.max()}]"
             )
     sp = _check_spacing(spacing, pred.ndim)
+    check_convention(convention)
     worst = volume_diagonal(pred.shape, sp)
     nan = float("nan")
 
@@ -227,15 +200,9 @@ def volume_metrics(
             d = worst if surface else nan
             results[c] = ClassMetrics(dice=0.0, hd95=d, asd=d, status="missed" if g_any else "spurious")
 
-    if surface and ok_classes:
-        idx = np.asarray(ok_classes)
-        # (1, K, *spatial) one-hot of the classes present in both; MONAI loops over channels.
-        p_oh = torch.from_numpy(pred[None] == idx.reshape((-1,) + (1,) * pred.ndim))[None]
-        g_oh = torch.from_numpy(gt[None] == idx.reshape((-1,) + (1,) * gt.ndim))[None]
-        hd95, asd = _monai_surface_metrics(p_oh, g_oh, sp)
-        for k, c in enumerate(ok_classes):
-            results[c].hd95 = float(hd95[k])
-            results[c].asd = float(asd[k])
+    if surface:
+        for c in ok_classes:
+            results[c].hd95, results[c].asd = surface_distances(pred == c, gt == c, sp, convention)
     return results
 
 

@@ -12,8 +12,15 @@ and the table ends with each failure's log and last stderr lines. The caption st
 trained, selected the checkpoint and were tested; :mod:`kdseg.data.protocol`), and which checkpoint
 was tested, taken from the resolved configs of the runs rather than restated by hand.
 
+Semantic tables name the distance convention and unit in the HD95 / ASD headers (medpy, the
+papers' convention, unless the runs were tested with ``distance_convention: monai``) and end with
+a "missed / spurious" column: per class, how many test volumes over the finished seeds had the
+structure missed (or predicted where the ground truth has none), cases that enter the means with
+Dice 0 and the volume diagonal as distance (:mod:`kdseg.metrics.segmentation`).
+
 ``table.csv`` has one row per (setting, method or reported row) with ``<metric>_mean``,
 ``<metric>_std`` and ``<metric>_n`` columns (blank where a setting does not report a metric),
+``missed_<class>`` / ``spurious_<class>`` counts for semantic settings,
 ``runs.csv`` one row per run (status, seconds, folders, failure), and every finished run's
 ``test_metrics.json`` / ``test_cases.csv`` / ``result.json`` is copied to
 ``runs/<setting>/<method>/seed<k>/`` beside the tables, so a results folder can be committed
@@ -63,6 +70,13 @@ class Row:
     iterations: str = ""
     reported: ReportedRow | None = None
     failures: list[RunResult] = field(default_factory=list)
+    #: semantic rows: ``{class name: [missed, spurious]}`` summed over the finished seeds' volumes.
+    misses: dict[str, list[int]] = field(default_factory=dict)
+
+    def misses_cell(self, names: list[str]) -> str:
+        if self.kind == "reported" or not self.misses:
+            return DASH
+        return ", ".join("/".join(str(v) for v in self.misses.get(n, [0, 0])) for n in names)
 
     @property
     def status(self) -> str:
@@ -111,6 +125,8 @@ def build_rows(setting: Setting, results: list[RunResult], papers: PaperNumbers 
                 row.stats[metric] = stat
         iterations = {"+".join(str(i) for i in r.plan.iterations) for r in mine if r.plan.stages and not r.plan.error}
         row.iterations = ", ".join(sorted(iterations))
+        if setting.task == "semantic":
+            row.misses = miss_counts(r.test_metrics for r in finished)
         rows.append(row)
     for reported in (papers.rows if papers else ()):
         if reported.setting == setting.name:
@@ -119,6 +135,17 @@ def build_rows(setting: Setting, results: list[RunResult], papers: PaperNumbers 
             row.stats = {k: Stat(v, None, 1) for k, v in reported.metrics.items()}
             rows.append(row)
     return rows
+
+
+def miss_counts(summaries: Iterable[dict[str, Any]]) -> dict[str, list[int]]:
+    """``{class name: [missed, spurious]}`` summed over semantic ``test_metrics.json`` contents."""
+    out: dict[str, list[int]] = {}
+    for summary in summaries:
+        for name, values in summary.get("per_class", {}).items():
+            counts = out.setdefault(name, [0, 0])
+            counts[0] += int(values.get("missed", 0))
+            counts[1] += int(values.get("spurious", 0))
+    return out
 
 
 def _fmt(stat: Stat | None, distance: bool) -> str:
@@ -136,6 +163,39 @@ def _unit(results: list[RunResult], setting: Setting) -> str | None:
              if r.plan.setting.name == setting.name and r.has_metrics}
     units.discard(None)
     return ", ".join(sorted(u for u in units if u)) or None
+
+
+def _convention(results: list[RunResult], setting: Setting) -> str | None:
+    """The HD95 / ASD convention of a semantic setting's finished runs (``monai`` for runs tested
+    before kdseg recorded it: MONAI was then the only one)."""
+    if setting.task != "semantic":
+        return None
+    found = {str(r.test_metrics.get("distance_convention", "monai")) for r in results
+             if r.plan.setting.name == setting.name and r.has_metrics}
+    return ", ".join(sorted(found)) or None
+
+
+_CONVENTION_TEXT = {
+    "medpy": ("medpy.metric.binary.hd95 / asd per class on each 3D test volume, the papers' convention "
+              "(SSL4MIS / WSL4MIS code/test_2D_fully.py): HD95 the 95th percentile of both directions' "
+              "surface distances pooled, ASD the mean distance from the predicted surface to the ground truth's"),
+    "monai": ("MONAI's definitions per class on each 3D test volume (not the papers'): HD95 the larger of the two "
+              "directed 95th percentiles, ASD the symmetric mean of both directions pooled"),
+}
+
+
+def _distance_text(convention: str | None, unit: str | None) -> str:
+    """The caption's sentence on HD95 / ASD: definition, unit, whether the voxel spacing is used."""
+    parts = [_CONVENTION_TEXT.get(c, c) for c in (convention or "").split(", ") if c]
+    text = "HD95 / ASD: " + "; ".join(parts) if parts else "HD95 / ASD"
+    if unit == "pixel":
+        text += ("; in pixels (voxel steps): no voxel spacing is used"
+                 + (", as in the papers' code" if convention == "medpy" else " (the volumes carry none)"))
+    elif unit:
+        text += f"; in {unit} (voxel spacing used)"
+    return text + (". A structure missed in a volume, or predicted where the ground truth has none, enters the "
+                   "means with Dice 0 and HD95 = ASD = the volume's diagonal; 'missed / spurious' counts these "
+                   "cases per class over all test volumes of the finished seeds.")
 
 
 def caption(setting: Setting, results: list[RunResult], profile: Profile, papers: PaperNumbers | None) -> str:
@@ -174,7 +234,9 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
             f"EDF images: {methods_where(lambda s: (s.get('data.init_args.unlabeled_batch_size') or 0) > 0 and s.get('data.init_args.use_edf'))}). "
             f"Training: {_size_text(values('data.init_args.image_size', 'original'))}, Mask R-CNN "
             f"backbone {values('model.init_args.detector.backbone')}, batch {values('data.init_args.batch_size')}; "
-            "iterations in the 'iters' column."
+            "iterations in the 'iters' column. Metrics scored "
+            + _scored_at_text(values('data.init_args.image_size', 'original'),
+                              values('data.init_args.eval_native_size', 'False')) + "."
         )
     parts.append(
         f"Checkpoint: `kdseg test` of the best checkpoint by {values('checkpoint.monitor')} on the validation set "
@@ -183,11 +245,10 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
     paired = compare_to_baseline(setting, results)
     if paired:
         parts.append(caption_text(paired))
-    unit = _unit(results, setting)
-    stats = "Values: mean ± sample std (ddof=1) over the finished seeds (number in 'seeds')"
-    if unit:
-        stats += f"; HD95 / ASD in {unit}" + (" (the HDF5 volumes carry no voxel spacing)" if unit == "pixel" else "")
-    parts.append(stats + ".")
+    stats = "Values: mean ± sample std (ddof=1) over the finished seeds (number in 'seeds')."
+    parts.append(stats)
+    if setting.task == "semantic":
+        parts.append(_distance_text(_convention(results, setting), _unit(results, setting)))
     reported = [r for r in (papers.rows if papers else ()) if r.setting == setting.name]
     if reported:
         parts.append(
@@ -218,6 +279,15 @@ def _paired_csv(paired: BaselineComparison, method: str) -> dict[str, Any]:
     return line
 
 
+def _scored_at_text(size: str, native: str) -> str:
+    """Where instance metrics were scored; runs without ``eval_native_size`` predate it (resized)."""
+    if size == "original" or native == "True":
+        return "at the images' native size (ISBI 2014: 512 px; predicted masks resized back bilinearly)"
+    if native == "False":
+        return f"at the resized {size} px, not the native size"
+    return f"at native size in some runs, at {size} px in others ({native})"
+
+
 def _size_text(size: str) -> str:
     return "images at their original size" if size == "original" else f"images resized to {size} px (longer side)"
 
@@ -225,12 +295,24 @@ def _size_text(size: str) -> str:
 # --------------------------------------------------------------------------- writers
 
 
-def _columns(setting: Setting, unit: str | None) -> list[tuple[str, str, bool]]:
+def _columns(setting: Setting, unit: str | None, convention: str | None = None) -> list[tuple[str, str, bool]]:
     out = []
+    tag = ", ".join(v for v in (convention, unit) if v)
     for col in COLUMNS[setting.task]:
-        header = f"{col.header} ({unit})" if col.distance and unit else col.header
+        header = f"{col.header} ({tag})" if col.distance and tag else col.header
         out.append((col.metric, header, col.distance))
     return out
+
+
+def _class_names(setting: Setting) -> list[str]:
+    """Semantic settings' class names in column order (for the miss counts)."""
+    if setting.task != "semantic":
+        return []
+    return [c.metric[len("dice_"):] for c in COLUMNS["semantic"] if c.metric.startswith("dice_") and c.metric != "dice_mean"]
+
+
+def _misses_header(names: list[str]) -> str:
+    return "missed / spurious: " + ", ".join(names)
 
 
 def markdown(matrix: Matrix, profile: Profile, results: list[RunResult], papers: PaperNumbers | None) -> str:
@@ -241,18 +323,19 @@ def markdown(matrix: Matrix, profile: Profile, results: list[RunResult], papers:
     failures: list[RunResult] = []
     for setting in matrix.settings.values():
         rows = build_rows(setting, results, papers)
-        cols = _columns(setting, _unit(results, setting))
+        cols = _columns(setting, _unit(results, setting), _convention(results, setting))
+        names = _class_names(setting)
         paired = compare_to_baseline(setting, results)
-        extra = [paired.header] if paired else []
+        headers = [h for _, h, _ in cols] + ([_misses_header(names)] if names else []) + ([paired.header] if paired else [])
         lines += [f"## {setting.name}: {setting.title}", ""]
-        lines.append("| method | seeds | iters | " + " | ".join([*(h for _, h, _ in cols), *extra]) + " |")
-        lines.append("|" + " --- |" * (3 + len(cols) + len(extra)))
+        lines.append("| method | seeds | iters | " + " | ".join(headers) + " |")
+        lines.append("|" + " --- |" * (3 + len(headers)))
         for row in rows:
             if row.kind == "measured" and not row.seeds_finished:
-                cells = [row.status + (" (see failures)" if row.seeds_failed else "")] + [DASH] * (len(cols) - 1)
+                cells = [row.status + (" (see failures)" if row.seeds_failed else "")] + [DASH] * (len(headers) - 1)
             else:
-                cells = [_fmt(row.stats.get(m), d) for m, _, d in cols]
-            if paired:
+                cells = [_fmt(row.stats.get(m), d) for m, _, d in cols] + ([row.misses_cell(names)] if names else [])
+            if paired and (row.kind != "measured" or row.seeds_finished):
                 cells.append(_paired_cell(paired, row))
             iters = row.iterations if row.kind == "measured" else DASH
             lines.append(f"| {row.label} | {row.seeds_cell()} | {iters} | " + " | ".join(cells) + " |")
@@ -290,22 +373,23 @@ def latex(matrix: Matrix, profile: Profile, results: list[RunResult], papers: Pa
     out = [f"% Reproduction table, profile {profile.name}; written by python -m kdseg.reproduce. Needs booktabs."]
     for setting in matrix.settings.values():
         rows = build_rows(setting, results, papers)
-        cols = _columns(setting, _unit(results, setting))
+        cols = _columns(setting, _unit(results, setting), _convention(results, setting))
+        names = _class_names(setting)
         paired = compare_to_baseline(setting, results)
-        extra = [tex_escape(paired.header)] if paired else []
+        headers = [h for _, h, _ in cols] + ([_misses_header(names)] if names else []) + ([paired.header] if paired else [])
         out += [r"\begin{table}[t]", r"\centering", r"\small",
-                r"\begin{tabular}{l" + "c" * (2 + len(cols) + len(extra)) + "}", r"\toprule",
-                " & ".join(["Method", "Seeds", "Iters", *(tex_escape(h) for _, h, _ in cols), *extra]) + r" \\",
-                r"\midrule"]
+                r"\begin{tabular}{l" + "c" * (2 + len(headers)) + "}", r"\toprule",
+                " & ".join(["Method", "Seeds", "Iters", *(tex_escape(h) for h in headers)]) + r" \\", r"\midrule"]
         for row in rows:
             if row.kind == "reported" and rows and row is next(r for r in rows if r.kind == "reported"):
                 out.append(r"\midrule")
             if row.kind == "measured" and not row.seeds_finished:
-                cells = [rf"\multicolumn{{{len(cols)}}}{{c}}{{{tex_escape(row.status)}}}"]
+                cells = [rf"\multicolumn{{{len(headers)}}}{{c}}{{{tex_escape(row.status)}}}"]
             else:
                 cells = [tex_escape(_fmt(row.stats.get(m), d)) for m, _, d in cols]
-            if paired:
-                cells.append(tex_escape(_paired_cell(paired, row)))
+                cells += [tex_escape(row.misses_cell(names))] if names else []
+                if paired:
+                    cells.append(tex_escape(_paired_cell(paired, row)))
             iters = tex_escape(row.iterations) if row.kind == "measured" else "--"
             out.append(" & ".join([tex_escape(row.label), tex_escape(row.seeds_cell()), iters, *cells]) + r" \\")
         out += [r"\bottomrule", r"\end{tabular}",
@@ -325,13 +409,18 @@ def csv_rows(matrix: Matrix, results: list[RunResult], papers: PaperNumbers | No
         for m in sorted(KNOWN_METRICS[setting.task]):
             if m not in metrics:
                 metrics.append(m)
+    names: list[str] = []
+    for setting in matrix.settings.values():
+        names += [n for n in _class_names(setting) if n not in names]
     header = ["setting", "method", "label", "kind", "status", "seeds_finished", "seeds_failed", "seeds_planned",
-              "iterations", "distance_unit", "source", "where"]
+              "iterations", "distance_unit", "distance_convention", "source", "where"]
     header += [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]
+    header += [f"{k}_{n}" for n in names for k in ("missed", "spurious")]
     header += list(PAIRED_CSV_COLUMNS)
     out = []
     for setting in matrix.settings.values():
         unit = _unit(results, setting) or ""
+        convention = _convention(results, setting) or ""
         paired = compare_to_baseline(setting, results)
         for row in build_rows(setting, results, papers):
             line: dict[str, Any] = {
@@ -340,6 +429,7 @@ def csv_rows(matrix: Matrix, results: list[RunResult], papers: PaperNumbers | No
                 "seeds_failed": row.seeds_failed if row.kind == "measured" else "",
                 "seeds_planned": row.seeds_planned if row.kind == "measured" else "",
                 "iterations": row.iterations, "distance_unit": unit if row.kind == "measured" else "",
+                "distance_convention": convention if row.kind == "measured" else "",
                 "source": row.reported.citation if row.reported else "",
                 "where": row.reported.where if row.reported else "",
             }
@@ -347,6 +437,9 @@ def csv_rows(matrix: Matrix, results: list[RunResult], papers: PaperNumbers | No
                 line[f"{metric}_mean"] = f"{stat.mean:.6g}"
                 line[f"{metric}_std"] = "" if stat.std is None else f"{stat.std:.6g}"
                 line[f"{metric}_n"] = stat.n
+            for name, (missed, spurious) in row.misses.items():
+                if name in names:
+                    line[f"missed_{name}"], line[f"spurious_{name}"] = missed, spurious
             if paired and row.kind == "measured":
                 line.update(_paired_csv(paired, row.method))
             out.append(line)
