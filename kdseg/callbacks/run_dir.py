@@ -29,3 +29,31 @@ def ensure_new_run_dir(directory: Path) -> None:
             f"{directory}: this run folder already holds an earlier run's files; pick another "
             "logger version / save_dir (kdseg never overwrites a run)"
         )
+
+
+def evaluation_log_root(save_dir: Path, name: str, subcommand: str, ckpt_path: str | None) -> Path | None:
+    """The ``save_dir`` an evaluation (``validate``/``test``/``predict``) logs into, as
+    ``<returned>/<subcommand>/version_N``; None to keep the configured logger.
+
+    - a checkpoint in a run's ``checkpoints/`` folder: that run folder (``runs/x/version_0/test/...``);
+    - otherwise ``save_dir/name`` (``runs/x/test/version_N``), beside no training run's ``version_N``;
+    - a logger already named after the subcommand (the results runner's ``<run>/test``): kept.
+    """
+    if name == subcommand:
+        return None
+    if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
+        return Path(ckpt_path).parent.parent
+    return Path(save_dir) / name
+
+
+def remove_unstarted_run_dir(trainer: pl.Trainer | None) -> None:
+    """Removes the CSV / TensorBoard run folder of a run that failed before writing anything (bad
+    data is found after Lightning creates ``version_N``), and its ``name``/``save_dir`` parents if
+    that left them empty; folders holding any file are never touched."""
+    logger = getattr(trainer, "logger", None)
+    if not isinstance(logger, (CSVLogger, TensorBoardLogger)):
+        return
+    directory = Path(logger.log_dir)
+    for folder in (directory, Path(logger.root_dir), Path(logger.save_dir)):
+        if folder.is_dir() and folder.resolve() != Path.cwd().resolve() and not any(folder.iterdir()):
+            folder.rmdir()
