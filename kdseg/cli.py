@@ -29,6 +29,7 @@ import kdseg.methods  # noqa: F401  (imported so that --help lists every method)
 from kdseg.callbacks.run_dir import (
     ensure_new_run_dir,
     evaluation_log_root,
+    name_wandb_run,
     remove_unstarted_run_dir,
     run_dir,
 )
@@ -156,6 +157,7 @@ class KdsegCLI(LightningCLI):
             root = evaluation_log_root(Path(logger.save_dir), str(logger.name), self.subcommand, ckpt_path)
             if root is not None:
                 config["logger"] = type(logger)(save_dir=str(root), name=self.subcommand)
+        name_wandb_run(config.get("logger"))
         # `--trainer.enable_checkpointing false` means no checkpoint: drop the default one.
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -57,3 +58,20 @@ def remove_unstarted_run_dir(trainer: pl.Trainer | None) -> None:
     for folder in (directory, Path(logger.root_dir), Path(logger.save_dir)):
         if folder.is_dir() and folder.resolve() != Path.cwd().resolve() and not any(folder.iterdir()):
             folder.rmdir()
+
+
+def name_wandb_run(logger: Logger) -> None:
+    """Before W&B starts: the run id (hence the folder ``save_dir/<project>/<id>`` and the offline
+    folder) begins with the config's run name, ``<name>-<random>``, so runs can be told apart; and
+    ``save_dir`` exists, since W&B looks for a git repository there and warns ("git root runs does
+    not exist") when the folder is missing. Uses WandbLogger's private ``_wandb_init``: no public
+    way to set the id after construction (Lightning 2.6)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger) or logger._experiment is not None:
+        return
+    init = logger._wandb_init
+    if init.get("name") and not init.get("id"):
+        init["id"] = logger._id = f"{init['name']}-{secrets.token_hex(4)}"
+    if logger.save_dir:
+        Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
