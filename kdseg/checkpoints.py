@@ -58,8 +58,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
             f"(weights_only=True) does not allow ({blocked}); loading them could run code. "
             "kdseg checkpoints hold only tensors and plain values: use a checkpoint kdseg wrote"
         ) from exc
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, AttributeError) as exc:
-        # What torch.load raises on files of other formats, empty or truncated ones.
+    except Exception as exc:  # noqa: BLE001
+        # torch.load fails on other formats, empty or truncated files with any error type
+        # (EOFError, KeyError, IndexError, RuntimeError, ...): all mean "not a checkpoint".
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "file is empty or truncated"
         raise CheckpointError(f"{path}: not a PyTorch checkpoint: torch.load cannot read it "
                               f"({type(exc).__name__}: {detail})") from exc
