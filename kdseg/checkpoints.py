@@ -1,10 +1,12 @@
 """Safe checkpoint loading: a shared ``.ckpt`` must not be able to run code on the reader's machine.
 
 ``torch.load(..., weights_only=False)`` unpickles arbitrary objects, so a crafted checkpoint (an
-object whose ``__reduce__`` calls ``os.system``) runs code when loaded. Every load in kdseg goes
-through :func:`load_checkpoint`, which uses ``weights_only=True`` (tensors, containers and
-primitive types only, plus the allow-list :data:`SAFE_GLOBALS`) and turns every failure into one
-:class:`CheckpointError` naming the file and what is wrong.
+object whose ``__reduce__`` calls ``os.system``) runs code when loaded. kdseg's own checkpoint
+reads (``init_weights_from``, ``--ckpt_path`` hyperparameters, the results runner) go through
+:func:`load_checkpoint`, which uses ``weights_only=True`` (tensors, containers and primitive
+types only, plus the allow-list :data:`SAFE_GLOBALS`) and turns every failure into one
+:class:`CheckpointError` naming the file and what is wrong; Lightning's own ``--ckpt_path`` load
+gets ``weights_only=True`` from ``KdsegCLI._prepare_subcommand_kwargs``.
 
 kdseg's own checkpoints (Lightning's dict: ``state_dict``, loops, callbacks, optimizer states and
 the LightningCLI ``hyper_parameters``, which are plain dicts/lists/numbers/strings) load with the
