@@ -3,21 +3,72 @@
 Model and data are chosen by ``class_path`` (any method with any compatible data module);
 experiments live in ``experiments/`` as config files, composable (later files override earlier
 ones, e.g. ``--config experiments/acdc/mean_teacher.yaml --config experiments/profiles/cpu.yaml``).
+
+With ``--ckpt_path``, LightningCLI replaces the model arguments by the checkpoint's saved
+hyperparameters (``LightningCLI._parse_ckpt_path``); kdseg keeps every model argument the user gave
+(config files or command line) that differs from the saved one, and says so. Checkpoints are
+loaded with ``weights_only=True`` (:mod:`kdseg.checkpoints`). ``validate``/``test``/``predict``
+log into ``<run>/<subcommand>/version_N`` of the checkpoint's run, never beside training runs.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from kdseg.callbacks.latest_checkpoint import LatestCheckpoint
 from kdseg.callbacks.prediction_writer import VolumePredictionWriter
-from kdseg.callbacks.run_dir import ensure_new_run_dir, run_dir
+import kdseg.data  # noqa: F401  (imported so that --help lists every data module)
+import kdseg.methods  # noqa: F401  (imported so that --help lists every method)
+from kdseg.callbacks.run_dir import (
+    ensure_new_run_dir,
+    evaluation_log_root,
+    name_wandb_run,
+    remove_unstarted_run_dir,
+    run_dir,
+)
+from kdseg.checkpoints import load_checkpoint
 from kdseg.data.volume import DataError
+
+EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
+DESCRIPTION = (
+    "kdseg: label-efficient medical image segmentation by knowledge distillation (ScribSD+, "
+    "ACTION, MMT-PSM and their baselines on ACDC and ISBI 2014). Method configs: experiments/"
+    "<dataset>/<method>.yaml, e.g. `kdseg fit --config experiments/acdc/scribsd_plus.yaml`; "
+    "`kdseg fit --help` lists the methods (--model) and data modules (--data)."
+)
+
+
+def differing_arguments(saved: dict[str, Any], given: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, given value)`` for each given argument whose value differs from
+    the saved one (nested dicts compared key by key; a key the checkpoint lacks counts as differing)."""
+    out = []
+    for key, value in given.items():
+        name, old = f"{prefix}{key}", saved.get(key, "<not saved>")
+        if isinstance(value, dict) and isinstance(old, dict):
+            out += differing_arguments(old, value, name + ".")
+        elif value != old:
+            out.append((name, old, value))
+    return out
+
+
+def _merged(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with ``given`` laid over it, nested dicts merged key by key."""
+    out = dict(saved)
+    for key, value in given.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
+class ConfigError(DataError):
+    """A model or data argument its class refused (the message is the class's own)."""
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -40,7 +91,50 @@ class RunConfigSaver(SaveConfigCallback):
 
 
 class KdsegCLI(LightningCLI):
-    """Adds the best-by-validation-Dice checkpoint, the prediction writer and run-folder guards."""
+    """Adds the best-by-validation-Dice checkpoint, the prediction writer, run-folder guards, safe
+    checkpoint loading and the user's model arguments kept over a checkpoint's."""
+
+    def parse_arguments(self, parser, args) -> None:  # type: ignore[no-untyped-def]
+        super().parse_arguments(parser, args)
+        # Only what the user gave (config files, command line), without defaults: kept over the
+        # checkpoint's hyperparameters in _parse_ckpt_path.
+        self._given = parser.parse_args(args, defaults=False) if not isinstance(args, dict) else None
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or ckpt_path in ("best", "last", "hpc") or str(ckpt_path).startswith("registry"):
+            return
+        hparams = dict(load_checkpoint(ckpt_path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        class_path = hparams.pop("_class_path", None)
+        if not hparams or class_path is None:
+            return super()._parse_ckpt_path()
+        given = self._given[subcommand].get("model") if self._given is not None else None
+        given = given.as_dict() if given is not None and hasattr(given, "as_dict") else {}
+        given_class = given.get("class_path")
+        if given_class and given_class.rsplit(".", 1)[-1] != class_path.rsplit(".", 1)[-1]:
+            raise ConfigError(f"{ckpt_path}: the checkpoint is a {class_path} but the model given is "
+                              f"{given_class}: drop --model / use the run's config.yaml")
+        typed = given.get("init_args") or {}
+        for key, old, new in differing_arguments(hparams, typed):
+            print(f"kdseg: model.init_args.{key}={new!r} (given) replaces the checkpoint's {old!r}",
+                  file=sys.stderr, flush=True)
+        # As LightningCLI does, the saved hyperparameters become dict_kwargs; the given ones on top.
+        model = {"class_path": class_path, "dict_kwargs": _merged(hparams, typed)}
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            cause: BaseException = error
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            if cause is error or not isinstance(cause, ValueError):
+                raise
+            # jsonargparse wraps a constructor's ValueError in a long Union error: keep the clear one.
+            raise ConfigError(str(cause)) from cause
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -56,6 +150,14 @@ class KdsegCLI(LightningCLI):
         parser.add_lightning_class_args(VolumePredictionWriter, "prediction_writer")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        logger = config.get("logger")
+        if self.subcommand in EVALUATION_SUBCOMMANDS and isinstance(logger, (CSVLogger, TensorBoardLogger)):
+            # An evaluation logs under the run it evaluates, not as a new run beside training runs.
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            root = evaluation_log_root(Path(logger.save_dir), str(logger.name), self.subcommand, ckpt_path)
+            if root is not None:
+                config["logger"] = type(logger)(save_dir=str(root), name=self.subcommand)
+        name_wandb_run(config.get("logger"))
         # `--trainer.enable_checkpointing false` means no checkpoint: drop the default one.
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
@@ -82,6 +184,34 @@ class KdsegCLI(LightningCLI):
                     "--checkpoint.dirpath (kdseg never overwrites checkpoints)"
                 )
 
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            remove_unstarted_run_dir(self.trainer)  # bad data: no empty version_N left behind
+            raise
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in self._subcommand_method_arguments[subcommand]:
+            if kwargs.get("weights_only") is False:
+                raise ConfigError("--weights_only=false: kdseg loads checkpoints with weights_only=True "
+                                  "only (a checkpoint that needs more could run code)")
+            kwargs["weights_only"] = True  # Lightning's own --ckpt_path loading: safe, not torch's default
+        return kwargs
+
+    def _after_evaluation(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f"kdseg: {self.subcommand} outputs in {run_dir(self.trainer)}", flush=True)
+
+    after_validate = after_test = _after_evaluation
+
+    def after_predict(self) -> None:
+        self._after_evaluation()
+        writers = [c for c in self.trainer.callbacks if isinstance(c, VolumePredictionWriter)]
+        if writers and self.trainer.is_global_zero:
+            print(f"kdseg: predictions in {writers[0].output_dir}", flush=True)
 
     def after_fit(self) -> None:
         """Prints the validation Dice the run reached and where its best checkpoint is."""
@@ -119,7 +249,7 @@ def main(args: list[str] | None = None, run: bool = True) -> KdsegCLI:
                 "init_args": {"save_dir": "runs", "name": "kdseg"},
             },
         },
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf", "description": DESCRIPTION},
         args=args,
         run=run,
     )

@@ -35,6 +35,7 @@ def fit(root: Path, *extra: str) -> None:
 
 def assert_no_run_started(cwd: Path) -> None:
     assert not list(cwd.rglob("*.ckpt"))
+    assert not [p for p in cwd.rglob("version_*") if p.is_dir()]  # no empty run folder left behind
 
 
 def test_missing_root(in_tmp_cwd: Path) -> None:

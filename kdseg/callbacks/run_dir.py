@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -29,3 +30,48 @@ def ensure_new_run_dir(directory: Path) -> None:
             f"{directory}: this run folder already holds an earlier run's files; pick another "
             "logger version / save_dir (kdseg never overwrites a run)"
         )
+
+
+def evaluation_log_root(save_dir: Path, name: str, subcommand: str, ckpt_path: str | None) -> Path | None:
+    """The ``save_dir`` an evaluation (``validate``/``test``/``predict``) logs into, as
+    ``<returned>/<subcommand>/version_N``; None to keep the configured logger.
+
+    - a checkpoint in a run's ``checkpoints/`` folder: that run folder (``runs/x/version_0/test/...``);
+    - otherwise ``save_dir/name`` (``runs/x/test/version_N``), beside no training run's ``version_N``;
+    - a logger already named after the subcommand (the results runner's ``<run>/test``): kept.
+    """
+    if name == subcommand:
+        return None
+    if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
+        return Path(ckpt_path).parent.parent
+    return Path(save_dir) / name
+
+
+def remove_unstarted_run_dir(trainer: pl.Trainer | None) -> None:
+    """Removes the CSV / TensorBoard run folder of a run that failed before writing anything (bad
+    data is found after Lightning creates ``version_N``), and its ``name``/``save_dir`` parents if
+    that left them empty; folders holding any file are never touched."""
+    logger = getattr(trainer, "logger", None)
+    if not isinstance(logger, (CSVLogger, TensorBoardLogger)):
+        return
+    directory = Path(logger.log_dir)
+    for folder in (directory, Path(logger.root_dir), Path(logger.save_dir)):
+        if folder.is_dir() and folder.resolve() != Path.cwd().resolve() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def name_wandb_run(logger: Logger) -> None:
+    """Before W&B starts: the run id (hence the folder ``save_dir/<project>/<id>`` and the offline
+    folder) begins with the config's run name, ``<name>-<random>``, so runs can be told apart; and
+    ``save_dir`` exists, since W&B looks for a git repository there and warns ("git root runs does
+    not exist") when the folder is missing. Uses WandbLogger's private ``_wandb_init``: no public
+    way to set the id after construction (Lightning 2.6)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger) or logger._experiment is not None:
+        return
+    init = logger._wandb_init
+    if init.get("name") and not init.get("id"):
+        init["id"] = logger._id = f"{init['name']}-{secrets.token_hex(4)}"
+    if logger.save_dir:
+        Path(logger.save_dir).mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ Class ids follow torchvision's detection models (0 is background): 1 = cytoplasm
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -342,6 +343,7 @@ def _decode_segmentation(seg: Any, h: int, w: int, json_path: Path, ann_id: Any)
             polys = [list(map(float, p)) for p in seg if len(p) >= 6]
             if not polys:
                 raise ValueError("no polygon with at least 3 points")
+            outside = _polygon_points_outside(polys, h, w)
             rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
         elif isinstance(seg, dict) and "counts" in seg:
             size = [int(s) for s in seg.get("size", [h, w])]
@@ -363,7 +365,22 @@ def _decode_segmentation(seg: Any, h: int, w: int, json_path: Path, ann_id: Any)
         raise DataError(f"{json_path}: annotation {ann_id}: bad segmentation ({exc})") from exc
     if m.ndim == 3:
         m = m.any(axis=2)
+    if isinstance(seg, list) and outside:
+        # pycocotools rasterises only the part inside the image: say so, refuse if nothing is left.
+        if not m.any():
+            raise DataError(f"{json_path}: annotation {ann_id}: the polygon lies wholly outside the "
+                            f"{h}x{w} image (no pixel left after clipping)")
+        warnings.warn(f"{json_path}: annotation {ann_id}: {outside} polygon point(s) outside the "
+                      f"{h}x{w} image; the mask is clipped to the image", stacklevel=2)
     return m.astype(bool)
+
+
+def _polygon_points_outside(polys: list[list[float]], h: int, w: int) -> int:
+    """How many ``(x, y)`` points of COCO polygons lie outside ``[0, w] x [0, h]`` (COCO polygon
+    coordinates are pixel-edge positions, so ``x = w`` is the image's right border)."""
+    points = np.concatenate([np.asarray(p[: len(p) // 2 * 2], dtype=np.float64).reshape(-1, 2) for p in polys])
+    inside = (points[:, 0] >= 0) & (points[:, 0] <= w) & (points[:, 1] >= 0) & (points[:, 1] <= h)
+    return int((~inside).sum())
 
 
 def read_coco(

@@ -257,6 +257,9 @@ def _check_image(arr: np.ndarray, where: str, ndim: int) -> np.ndarray:
         raise DataError(f"{where}: 'image' must be numeric, found dtype {arr.dtype}")
     if arr.ndim != ndim:
         raise DataError(f"{where}: 'image' must be {ndim}D, found shape {arr.shape}")
+    if arr.size == 0:  # 0 slices would train on nothing or fail later in validation
+        raise DataError(f"{where}: 'image' is empty (shape {arr.shape}): a volume needs at least "
+                        "one slice of at least one pixel")
     arr = arr.astype(np.float32, copy=False)
     if not np.all(np.isfinite(arr)):
         n = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))

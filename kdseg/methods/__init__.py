@@ -1,10 +1,23 @@
-"""Methods: one LightningModule per file, selected in configs by ``class_path``."""
+"""Methods: one LightningModule per file, selected in configs by ``class_path``.
+
+Every method is exported here, so ``kdseg fit --help`` lists it and configs may write
+``kdseg.methods.<Name>``; semantic methods derive from :class:`SegmentationMethod`, instance
+(Mask R-CNN) methods from :class:`InstanceSegmentationMethod`.
+"""
 
 from kdseg.methods.action import ActionAnatomicalContrast, ActionGlobalDistillation, ActionLocalDistillation
 from kdseg.methods.base import NetworkConfig, SegmentationMethod, TeacherStudentMethod
 from kdseg.methods.dmpls import DMPLS
 from kdseg.methods.fully_supervised import FullySupervised
+from kdseg.methods.instance_base import (
+    DetectorConfig,
+    InstanceSegmentationMethod,
+    InstanceTeacherStudentMethod,
+)
+from kdseg.methods.instance_mean_teacher import InstanceMeanTeacher
+from kdseg.methods.instance_supervised import InstanceSupervised
 from kdseg.methods.mean_teacher import MeanTeacher
+from kdseg.methods.mmt_psm import MMTPSM
 from kdseg.methods.pce import PartialCE
 from kdseg.methods.pce_em import PartialCEEntropyMinimization
 from kdseg.methods.scribsd import ScribSD
@@ -17,17 +30,23 @@ __all__ = [
     "ActionAnatomicalContrast",
     "ActionGlobalDistillation",
     "ActionLocalDistillation",
-    "UncertaintyAwareMeanTeacher",
     "DMPLS",
+    "DetectorConfig",
     "FullySupervised",
-    "PartialCEEntropyMinimization",
-    "ScribSD",
-    "ScribSDPlus",
-    "USTM",
+    "InstanceMeanTeacher",
+    "InstanceSegmentationMethod",
+    "InstanceSupervised",
+    "InstanceTeacherStudentMethod",
+    "MMTPSM",
     "MeanTeacher",
     "NetworkConfig",
     "PartialCE",
+    "PartialCEEntropyMinimization",
+    "ScribSD",
+    "ScribSDPlus",
     "SegmentationMethod",
     "Supervised",
     "TeacherStudentMethod",
+    "USTM",
+    "UncertaintyAwareMeanTeacher",
 ]

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from kdseg.callbacks.ema import EMATeacher
 from kdseg.callbacks.run_dir import run_dir
+from kdseg.checkpoints import load_checkpoint
 from kdseg.metrics.distances import check_convention
 from kdseg.metrics.segmentation import distance_unit, summarize, volume_metrics
 from kdseg.networks.inference import predict_volume
@@ -144,12 +145,13 @@ class SegmentationMethod(pl.LightningModule):
 
         Raises:
             FileNotFoundError: no such checkpoint.
+            CheckpointError: not a checkpoint, or one holding more than tensors and plain values.
             ValueError: the checkpoint has no weights for the student's U-Net.
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: init_weights_from names no checkpoint file")
-        state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+        state = load_checkpoint(path).get("state_dict", {})  # weights_only: a shared file runs no code
         own = self.state_dict()
         matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         if not any(k.startswith("student.unet.") for k in matched):

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from kdseg.callbacks.prediction_writer import VolumePredictionWriter
 from kdseg.callbacks.run_dir import run_dir
+from kdseg.checkpoints import load_checkpoint
 from kdseg.data.augment import StrongPerturbation, random_erasing
 from kdseg.losses.segmentation import sigmoid_rampup
 from kdseg.methods.base import EMATeacherMixin, next_free_path
@@ -118,7 +119,7 @@ def _load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found (kdseg never downloads weights)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)  # weights_only: a shared file runs no code
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -112,11 +112,11 @@ def headline(plan: RunPlan, metrics: dict[str, float]) -> str:
 
 def checkpoint_score(path: Path) -> float | None:
     """The monitored score a ModelCheckpoint saved ``path`` with (its ``current_score``)."""
-    import torch
+    from kdseg.checkpoints import CheckpointError, load_checkpoint
 
     try:
-        content = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # unreadable (truncated) checkpoints take no part in the choice
+        content = load_checkpoint(path, mmap=True)
+    except CheckpointError:  # unreadable (truncated) checkpoints take no part in the choice
         return None
     for name, state in (content.get("callbacks") or {}).items():
         if name.startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("current_score") is not None:
@@ -153,15 +153,16 @@ def unfinished_training(done: dict[str, Any]) -> str | None:
     preempted job): the state then holds fewer steps than ``trainer.max_steps``. Such a fit must
     be resumed, not taken as finished. Checked on ``last.ckpt``, which holds the final state.
     """
-    import torch
     import yaml
+
+    from kdseg.checkpoints import load_checkpoint
 
     if not done.get("last") or not done.get("config"):
         return None
     max_steps = (yaml.safe_load(Path(done["config"]).read_text()).get("trainer") or {}).get("max_steps")
     if not isinstance(max_steps, int) or max_steps <= 0:
         return None  # an epoch-bounded fit: nothing to compare with
-    step = int(torch.load(done["last"], map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    step = int(load_checkpoint(done["last"], mmap=True)["global_step"])
     return None if step >= max_steps else f"fit stopped at step {step} of {max_steps} (interrupted)"
 
 
