@@ -24,7 +24,10 @@ class USTM(TeacherStudentMethod):
     prediction on the original slices is rotated the same way, and their softmax squared
     difference counts only where the teacher's predictive entropy over ``mc_passes`` noisy passes
     is below ``uncertainty_threshold`` (ramped from 0.75 to 1.0 of ``max_entropy``).
-    ``w(t) = consistency_weight * sigmoid_rampup(t, consistency_rampup_steps)``.
+    ``w(t) = consistency_weight * sigmoid_rampup(t, consistency_rampup_steps)``, ramping to 1.0
+    over 60k steps as WSL4MIS ``code/train_weakly_supervised_ustm_2D.py``
+    (``get_current_consistency_weight``: ``1.0 * sigmoid_rampup(iter_num // 1000, 60)``; kdseg
+    ramps per step instead of per 1000 steps, a smoother curve with the same end points).
 
     Choices: WSL4MIS takes the MC passes with dropout active in the teacher; kdseg's teacher has
     no dropout and stays in eval mode, so the passes differ by their input noise only (as in the
@@ -43,7 +46,7 @@ class USTM(TeacherStudentMethod):
 
     def __init__(
         self,
-        consistency_weight: float = 0.1,
+        consistency_weight: float = 1.0,
         consistency_rampup_steps: int = 60000,
         mc_passes: int = 8,
         noise_std: float = 0.1,
