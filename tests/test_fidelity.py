@@ -51,3 +51,16 @@ def test_pce_em_divides_the_entropy_by_ln_c() -> None:
     pce = partial_cross_entropy(logits, batch["labeled"]["target"], 4)
     expected = pce + 0.1 * entropy_map(logits).mean() / math.log(4)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_action_stage3_uses_the_released_weight_and_batch() -> None:
+    """ACTION released code/train_2D_action.py: ``loss = k1 * reco_loss + unsup + sup`` with
+    ``--k1 0.01``; code/train_2D.sh: ``--batch_size 4`` for both the labeled and unlabeled loader."""
+    from kdseg.methods.action import ActionAnatomicalContrast
+
+    assert ActionAnatomicalContrast(network=TINY4).anco_weight == 0.01
+    for name in ("action_stage3", "action_no_unsup", "action_no_stage2"):
+        assert _init_args(f"experiments/acdc/{name}.yaml")["anco_weight"] == 0.01, name
+    for name in ("action_stage3", "action_no_anco", "action_no_unsup", "action_no_stage2"):
+        data = yaml.safe_load((REPO / f"experiments/acdc/{name}.yaml").read_text())["data"]["init_args"]
+        assert (data["batch_size"], data["unlabeled_batch_size"]) == (4, 4), name
