@@ -64,3 +64,27 @@ def test_action_stage3_uses_the_released_weight_and_batch() -> None:
     for name in ("action_stage3", "action_no_anco", "action_no_unsup", "action_no_stage2"):
         data = yaml.safe_load((REPO / f"experiments/acdc/{name}.yaml").read_text())["data"]["init_args"]
         assert (data["batch_size"], data["unlabeled_batch_size"]) == (4, 4), name
+
+
+def test_detector_optimiser_follows_the_public_mmt_psm_code() -> None:
+    """Amandaynzhou/MMT-PSM: warm-up 500 steps from 1/3 (maskrcnn-benchmark defaults.py, not
+    overridden), weight decay 1e-4 (configs/pap/e2e_mask_rcnn_R_50_FPN_1x.yaml), no gradient
+    clipping (engine/MTtrainer.py). The cpu profile keeps the clipping its tables were run with."""
+    import inspect
+
+    from kdseg.methods.instance_base import InstanceSegmentationMethod
+
+    defaults = inspect.signature(InstanceSegmentationMethod.__init__).parameters
+    assert defaults["lr_warmup_steps"].default == 500
+    assert defaults["lr_warmup_factor"].default == pytest.approx(1 / 3)
+    assert defaults["weight_decay"].default == 1e-4
+    configs = sorted((REPO / "experiments/isbi2014").glob("*.yaml"))
+    assert configs
+    for config in configs:
+        text = yaml.safe_load(config.read_text())
+        if "trainer" not in text:
+            continue
+        assert "gradient_clip_val" not in text["trainer"], config.name
+        assert text["model"]["init_args"].get("lr_warmup_steps", 500) == 500, config.name
+    cpu = yaml.safe_load((REPO / "experiments/reproduce/profiles/cpu.yaml").read_text())
+    assert "--trainer.gradient_clip_val=10.0" in str(cpu)
