@@ -88,3 +88,53 @@ def test_detector_optimiser_follows_the_public_mmt_psm_code() -> None:
         assert text["model"]["init_args"].get("lr_warmup_steps", 500) == 500, config.name
     cpu = yaml.safe_load((REPO / "experiments/reproduce/profiles/cpu.yaml").read_text())
     assert "--trainer.gradient_clip_val=10.0" in str(cpu)
+
+
+def test_encoder_dropout_logits_is_the_network_without_dropout_and_random_with_it() -> None:
+    """SSL4MIS / WSL4MIS teachers run in train mode: their encoder dropout (0.05 ... 0.5,
+    code/networks/unet.py) makes the T passes differ."""
+    from kdseg.losses.uncertainty import encoder_dropout_logits
+    from kdseg.methods.ua_mt import UncertaintyAwareMeanTeacher
+
+    torch.manual_seed(0)
+    model = UncertaintyAwareMeanTeacher(network=TINY4)
+    teacher = model.ema_teacher
+    assert not teacher.training
+    image = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        plain = teacher(image).logits
+        torch.testing.assert_close(encoder_dropout_logits(teacher, image, rates=(0.0,) * 4), plain)
+        first, second = encoder_dropout_logits(teacher, image), encoder_dropout_logits(teacher, image)
+    assert not torch.allclose(first, plain) and not torch.allclose(first, second)
+    with pytest.raises(ValueError, match="dropout rates"):
+        encoder_dropout_logits(teacher, image, rates=(0.1, 0.2))
+
+
+@pytest.mark.parametrize("method", ["ua_mt", "ustm"])
+def test_teacher_passes_differ_by_dropout_even_without_input_noise(method: str) -> None:
+    """With noise off, the passes of a dropout-free teacher agree (uncertainty = the entropy of one
+    pass); SSL4MIS's and WSL4MIS's passes do not, because their teacher's dropout is active."""
+    from kdseg.losses.uncertainty import noisy_teacher_passes, predictive_entropy
+    from kdseg.methods.ua_mt import UncertaintyAwareMeanTeacher
+
+    torch.manual_seed(0)
+    cls = UncertaintyAwareMeanTeacher if method == "ua_mt" else USTM
+    model = cls(network=TINY4, noise_std=0.0)
+    assert model.teacher_dropout
+    image = torch.rand(2, 1, 32, 32)
+    _, uncertainty = noisy_teacher_passes(model.teacher_pass, image, 4, 0.0, 0.0)
+    with torch.no_grad():
+        single = predictive_entropy(torch.softmax(model.teacher_forward(image).logits, 1)[None])
+    assert (uncertainty - single).abs().max() > 1e-3
+    model.teacher_dropout = False
+    _, uncertainty = noisy_teacher_passes(model.teacher_pass, image, 4, 0.0, 0.0)
+    torch.testing.assert_close(uncertainty, single, rtol=1e-4, atol=1e-5)
+
+
+def test_ua_mt_threshold_scale_is_ln_2() -> None:
+    """SSL4MIS train_uncertainty_aware_mean_teacher_2D.py: ``(0.75 + 0.25 * ramp) * np.log(2)``."""
+    from kdseg.methods.ua_mt import UncertaintyAwareMeanTeacher
+
+    assert UncertaintyAwareMeanTeacher(network=TINY4).max_entropy == pytest.approx(math.log(2))
+    for config in ("experiments/acdc/ua_mt.yaml", "experiments/phantom/ua_mt.yaml"):
+        assert _init_args(config)["max_entropy"] == pytest.approx(math.log(2)), config
