@@ -138,3 +138,20 @@ def test_ua_mt_threshold_scale_is_ln_2() -> None:
     assert UncertaintyAwareMeanTeacher(network=TINY4).max_entropy == pytest.approx(math.log(2))
     for config in ("experiments/acdc/ua_mt.yaml", "experiments/phantom/ua_mt.yaml"):
         assert _init_args(config)["max_entropy"] == pytest.approx(math.log(2)), config
+
+
+def test_dmpls_auxiliary_dropout_zeroes_whole_channels() -> None:
+    """WSL4MIS code/networks/unet.py UNet_CCT: ``torch.nn.functional.dropout2d(x, p=0.5)`` on every
+    encoder feature before the auxiliary decoder: channel-wise, not element-wise."""
+    from kdseg.methods import DMPLS
+
+    torch.manual_seed(0)
+    aux = DMPLS(network=TINY4).student.heads["aux_decoder"]
+    aux.train()
+    features = torch.ones(4, 64, 8, 8)
+    dropped = aux.dropout(features)
+    per_channel = dropped.flatten(2)
+    # every channel map is either all zero or all 1 / (1 - p) = 2
+    assert torch.all((per_channel == 0).all(-1) | (per_channel == 2).all(-1))
+    zero_fraction = (per_channel == 0).all(-1).float().mean().item()
+    assert 0.35 < zero_fraction < 0.65
