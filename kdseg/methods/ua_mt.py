@@ -49,7 +49,8 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
       batched teacher forward of ``(T + 1) * B`` images.
     - ``H_max = ln 2`` as SSL4MIS's 2D script (kept there from the binary 3D original) although
       ACDC has 4 classes: with ``ln 4`` the threshold would start above ``ln 2`` and mask almost
-      nothing. ``max_entropy: null`` gives ``ln(num_classes)``.
+      nothing (``experiments/results/notes/uncertainty_teachers.md``). ``max_entropy: null``
+      gives ``ln(num_classes)``.
     - The threshold ramp runs over ``uncertainty_rampup_steps`` (SSL4MIS: ``max_iterations``).
     - The consistency is normalised as in SSL4MIS (:func:`~kdseg.losses.uncertainty.masked_softmax_mse`).
 
