@@ -201,9 +201,10 @@ def test_ua_mt_masks_out_uncertain_pixels() -> None:
     assert entropy[0, 0, 0, 1] == pytest.approx(math.log(c), abs=1e-4)
     assert entropy[0, 0, 0, 2] == pytest.approx(math.log(c), abs=1e-4)
 
+    # H_max = ln 2 whatever C is (SSL4MIS train_uncertainty_aware_mean_teacher_2D.py: np.log(2)).
     model = UncertaintyAwareMeanTeacher(network=TINY, uncertainty_rampup_steps=100)
-    assert model.uncertainty_threshold_at(0) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(c))
-    assert model.uncertainty_threshold_at(100) == pytest.approx(math.log(c))
+    assert model.uncertainty_threshold_at(0) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(2))
+    assert model.uncertainty_threshold_at(100) == pytest.approx(math.log(2))
     mask = (entropy < model.uncertainty_threshold_at(0)).float()
     assert mask.flatten().tolist() == [1.0, 0.0, 0.0]
 
@@ -219,7 +220,7 @@ def test_ua_mt_masks_out_uncertain_pixels() -> None:
 
 def test_ua_mt_batched_teacher_passes_without_noise_give_the_plain_entropy() -> None:
     torch.manual_seed(0)
-    model = UncertaintyAwareMeanTeacher(network=TINY, noise_std=0.0, mc_samples=3)
+    model = UncertaintyAwareMeanTeacher(network=TINY, noise_std=0.0, mc_samples=3, teacher_dropout=False)
     image = torch.rand(2, 1, 32, 32)
     logits, uncertainty = model.teacher_with_uncertainty(image)
     expected_logits = model.teacher_forward(image).logits

@@ -3,7 +3,7 @@
 # previous run's checkpoint (model.init_args.init_weights_from).
 #
 # usage: experiments/acdc/run_action_chain.sh LABELED ROOT [extra `kdseg fit` arguments...]
-#   LABELED  labeled patients: 3 or 7 (the paper's ACDC settings; any number with CONFIG_DIR
+#   LABELED  labeled patients: 3 or 7 (kdseg's ACDC settings, SSL4MIS's split sizes; any number with CONFIG_DIR
 #            other than experiments/acdc)
 #   ROOT     the ACDC data folder (data.init_args.root); "-" keeps the config's own (e.g. for the
 #            phantom, which has no root)
@@ -19,7 +19,8 @@
 #   KDSEG       the kdseg command (default: `kdseg` on PATH, else .venv/bin/kdseg of this repo)
 #
 # Checkpoints handed on: stage 1 -> its last.ckpt (its validation Dice is that of an untrained
-# decoder, so "best" means nothing; the end of pre-training is what the paper continues from);
+# decoder, so "best" means nothing; the end of pre-training is what the released code continues
+# from, train_2D.sh --resume);
 # stage 2 -> its best-*.ckpt (best validation Dice). Each run's folder is read from the line
 # "kdseg: run folder ..." that `kdseg fit` prints, falling back to the newest
 # runs/<name>/version_*. Runs are named <config dir>_action_<variant>_l<LABELED>_<stage>, e.g.
@@ -43,7 +44,7 @@ fi
 
 [[ $LABELED =~ ^[1-9][0-9]*$ ]] || { echo "run_action_chain.sh: LABELED must be a positive integer, got '$LABELED'" >&2; exit 2; }
 if [[ $(basename "$CONFIG_DIR") = acdc && $LABELED != 3 && $LABELED != 7 ]]; then
-  echo "run_action_chain.sh: LABELED must be 3 or 7 (the paper's ACDC settings), got $LABELED" >&2
+  echo "run_action_chain.sh: LABELED must be 3 or 7 (kdseg's ACDC settings), got $LABELED" >&2
   exit 2
 fi
 [[ -d $CONFIG_DIR ]] || { echo "run_action_chain.sh: no config folder $CONFIG_DIR" >&2; exit 2; }

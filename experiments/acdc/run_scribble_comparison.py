@@ -25,7 +25,7 @@ KDSEG = Path(sys.executable).with_name("kdseg")
 PROFILE = REPO / "experiments/profiles/cpu_scribble.yaml"
 VAL_EVERY = 500  # trainer.val_check_interval of PROFILE
 
-#: ramp-up lengths at the CPU budget (the paper configs ramp over 20% / 100% of 60k steps).
+#: ramp-up lengths at the CPU budget (the full-protocol configs in experiments/acdc ramp over 20% / 100% of 60k steps).
 RAMPS = {
     "scribsd_plus": ["--model.init_args.rampup_steps=300"],
     "scribsd_plus_no_kd": ["--model.init_args.rampup_steps=300"],

@@ -6,8 +6,9 @@ Instead of a binary positive/negative split, the student learns to reproduce the
     p_t = softmax(cos(teacher, anchors) / tau_t),   p_s = softmax(cos(student, anchors) / tau_s)
     loss = mean_i KL(p_t[i] || p_s[i])
 
-with a sharp teacher temperature (0.01) and a softer student one (0.1), as in the paper.
-:class:`FeatureMemoryBank` is the FIFO of anchors (36 entries by default, the paper's size).
+with a sharp teacher temperature (0.01) and a softer student one (0.1), and
+:class:`FeatureMemoryBank` is the FIFO of anchors (36 entries by default): the values of the
+released ACTION ``code/train_2D.sh`` (``--T_t 0.01 --T_s 0.1 --K 36``).
 The global (stage-1) variant is :func:`contrastive_distillation_loss` on one vector per image;
 the local (stage-2) variant is :func:`dense_contrastive_distillation_loss` on per-pixel vectors.
 """
@@ -33,7 +34,7 @@ class FeatureMemoryBank(nn.Module):
 
     Args:
         dim: embedding size.
-        size: number of slots (the paper uses 36).
+        size: number of slots (36 in the released ACTION ``code/train_2D.sh``).
         random_init: start full of random unit vectors, as the released ACTION code does;
             default ``False`` starts empty (``get()`` is then ``(0, dim)`` until the first
             ``enqueue`` and the distillation loss is 0 for that step).
@@ -109,7 +110,7 @@ def contrastive_distillation_loss(
         student_embedding: ``(N, D)``.
         teacher_embedding: ``(N, D)``; detached (the teacher gets no gradient).
         anchors: ``(K, D)``, e.g. ``FeatureMemoryBank.get()``; detached.
-        student_temperature, teacher_temperature: softmax temperatures (paper: 0.1 / 0.01).
+        student_temperature, teacher_temperature: softmax temperatures (released ACTION code: 0.1 / 0.01).
 
     All three are L2-normalised, so similarities are cosines. Returns a scalar; 0 (still
     attached to the student's graph) when there is no anchor or no sample.

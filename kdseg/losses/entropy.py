@@ -5,6 +5,8 @@ Also home of the small pixel-reduction helper shared by the distillation losses.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,18 +60,27 @@ def entropy_map(logits: Tensor) -> Tensor:
     return -(log_p.exp() * log_p).sum(dim=1)
 
 
-def entropy_minimization(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+def entropy_minimization(logits: Tensor, mask: Tensor | None = None, normalized: bool = False) -> Tensor:
     """Entropy minimisation: pixel mean of ``-sum_c p_c log p_c`` (Grandvalet & Bengio 2005).
 
-    Unlike WSL4MIS ``entropy_loss`` this is not divided by ``log C`` and needs no ``+1e-6``
-    inside the log (``log_softmax`` is exact and finite).
+    ``normalized=True`` divides by ``ln C`` (range [0, 1]), which is what WSL4MIS
+    ``code/utils/losses.py`` ``entropy_loss`` computes. Unlike that function no ``+1e-6`` goes
+    inside the log (``log_softmax`` is exact and finite); the difference is below 1e-5.
 
     Args:
         logits: (B, C, *spatial) raw network outputs (softmax is applied here).
         mask: optional (B, *spatial) bool; average only over True pixels (e.g. unannotated
             pixels). An empty mask gives 0, still attached to the graph.
+        normalized: divide by ``ln C``.
 
     Returns:
-        Scalar tensor; ``log C`` for uniform predictions, ~0 for confident ones.
+        Scalar tensor; ``log C`` (1 if ``normalized``) for uniform predictions, ~0 for confident
+        ones.
     """
-    return _masked_pixel_mean(entropy_map(logits), mask)
+    mean_entropy = _masked_pixel_mean(entropy_map(logits), mask)
+    if normalized:
+        num_classes = logits.shape[1]
+        if num_classes < 2:
+            raise ValueError(f"normalized entropy needs at least 2 classes, got {num_classes}")
+        return mean_entropy / math.log(num_classes)
+    return mean_entropy

@@ -1,4 +1,5 @@
-"""Teacher uncertainty by Monte-Carlo input perturbation, shared by UA-MT and USTM."""
+"""Teacher uncertainty by Monte-Carlo passes (input noise, optionally encoder dropout), shared by
+UA-MT and USTM."""
 
 from __future__ import annotations
 
@@ -6,10 +7,47 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kdseg.data.augment import clipped_gaussian_noise
 from kdseg.losses.segmentation import sigmoid_rampup
+from kdseg.networks.unet import SegmentationNetwork, run_unet_decoder
+
+#: Encoder dropout of the SSL4MIS / WSL4MIS 2D ``UNet`` (``code/networks/unet.py``: ``'dropout':
+#: [0.05, 0.1, 0.2, 0.3, 0.5]``), finest level first.
+SSL4MIS_ENCODER_DROPOUT: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def encoder_dropout_logits(
+    network: SegmentationNetwork, image: Tensor, rates: tuple[float, ...] = SSL4MIS_ENCODER_DROPOUT
+) -> Tensor:
+    """Logits of ``network`` with element-wise dropout, always active, on its encoder outputs.
+
+    SSL4MIS's UA-MT and WSL4MIS's USTM run their EMA teacher in train mode, so the dropout
+    inside its encoder blocks makes the T passes differ; kdseg's smp encoders have no dropout, so
+    it is applied to each encoder stage's output (skip connections and bottleneck) before the
+    decoder. Departure: there the dropout inside stage ``i`` also reaches the deeper stages; here
+    only through the skip. The coarsest stage always takes the last rate (0.5), so an encoder of
+    depth ``d`` uses ``rates[-d:]``. BatchNorm stays as the network's mode has it (kdseg's
+    teacher: eval, running statistics; SSL4MIS: batch statistics).
+
+    Args:
+        network: the (teacher) network; its encoder depth ``d`` must be at most ``len(rates)``.
+        image: ``(B, C_in, H, W)``.
+        rates: dropout probabilities, finest stage first.
+
+    Returns:
+        ``(B, C, H, W)`` logits.
+    """
+    unet = network.unet
+    unet.check_input_shape(image)
+    features = unet.encoder(image)
+    depth = len(features) - 1  # features[0] is the input itself
+    if depth > len(rates):
+        raise ValueError(f"encoder depth {depth} needs {depth} dropout rates, got {len(rates)}")
+    dropped = [features[0]] + [F.dropout(f, p, training=True) for f, p in zip(features[1:], rates[-depth:])]
+    return unet.segmentation_head(run_unet_decoder(unet.decoder, dropped)[-1])
 
 
 def predictive_entropy(mc_probs: Tensor, eps: float = 1e-6) -> Tensor:

@@ -260,11 +260,13 @@ class ActionGlobalDistillation(_ContrastiveDistillation):
       trainable parameters. The validation Dice of this stage is that of a random decoder and
       means nothing, so stage 2 starts from this run's ``last.ckpt`` (the end of pre-training,
       as the released code, which loads iteration 30000), not from its ``best-*.ckpt``.
-    - The labeled stream is ignored (the paper pre-trains on unlabeled images).
+    - The labeled stream is ignored: stage 1 is pre-training on unlabeled images (kdseg's
+      choice; the released ``code/train_2D_pretrain.py`` samples labeled slices too).
     - The teacher is the EMA of the student *including* the projection head (BYOL-style, as the
-      paper describes); the released code instead keeps a separate, never-trained key head.
+      kdseg's choice); the released code instead keeps a separate, never-trained key head.
       The teacher holds an (unused) copy of the predictor because it is a deep copy.
-    - Student strong / teacher weak, as in the paper; the released code's default
+    - Student strong / teacher weak (kdseg's choice, the usual distillation direction); the
+      released code's default
       (``combinations=2``) perturbs the teacher's view instead.
     - The MLPs are ``Linear-ReLU-Linear``; the released code's two linear layers have no
       nonlinearity (they collapse into one linear map). Embedding size 512 as in the code.
@@ -274,7 +276,7 @@ class ActionGlobalDistillation(_ContrastiveDistillation):
 
     Args:
         global_embedding_dim: size of the image embeddings.
-        bank_size: FIFO memory bank slots (36 in the paper).
+        bank_size: FIFO memory bank slots (36, ``--K 36`` in the released ``code/train_2D.sh``).
         student_temperature, teacher_temperature: tau_s, tau_t (0.1 / 0.01).
         cutout_probability: probability of one cut-out box on the student's view (0 = none).
         perturbation: the student's photometric perturbation.
@@ -315,9 +317,9 @@ class ActionLocalDistillation(_ContrastiveDistillation):
 
     - The local bank receives ``local_enqueue_per_image`` random teacher pixel embeddings per
       image per step, the pixel counterpart of stage 1's one embedding per image. (The released
-      code instead distils pooled logit patches against a bank of whole patch grids; the paper
-      describes pixel-level anchors, which is what ``dense_contrastive_distillation_loss`` does.)
-    - ``global_weight`` defaults to 0 (the paper's stage 2 is the local loss); the released code
+      code instead distils pooled logit patches against a bank of whole patch grids; kdseg
+      uses pixel-level anchors, which is what ``dense_contrastive_distillation_loss`` does.)
+    - ``global_weight`` defaults to 0 (kdseg's stage 2 is the local loss only); the released code
       keeps ``L_global`` in this stage (``k1 = 1``): set ``global_weight: 1.0`` for that. At 0
       the global heads are frozen (unused, DDP-safe) but kept, so they still pass through.
     - The student sees labeled (weak) and unlabeled (strong) slices in one forward pass, so its
@@ -423,9 +425,9 @@ class ActionAnatomicalContrast(TeacherStudentMethod):
 
     Choices (each with its reason):
 
-    - ``anco_weight`` defaults to 1.0: the paper sums the three losses with equal weights. The
-      released code weights ``L_anco`` by 0.01 (``--k1 0.01``); set ``anco_weight: 0.01`` to
-      follow it.
+    - ``anco_weight`` defaults to 0.01, the released code's weight of ``L_anco``
+      (``code/train_2D_action.py``: ``--k1`` default 0.01, ``loss = k1 * reco_loss + unsup_loss
+      + supervised_loss``; ``code/train_2D.sh`` does not override it).
     - ``L_unsup`` weighting: ``confident_fraction`` (default) weights each unlabeled image's
       pixels by the fraction of its pixels with teacher confidence >= ``unsup_confidence_threshold``
       (0.97), the ReCo weighting that the released code uses (it averages over pixels with a
@@ -439,13 +441,13 @@ class ActionAnatomicalContrast(TeacherStudentMethod):
       instead of 3x3 first conv; see :class:`RepresentationHead` for how it is computed), 256
       dimensions (ReCo); the released code uses a 3x3 then a 1x1 conv to 512 dimensions. AnCo is
       computed at full resolution, as in the released code.
-    - No ramp-up of any weight, as in the paper and the code.
+    - No ramp-up of any weight, as in the released ``code/train_2D_action.py``.
     - The teacher: at the first step the EMA warm-up (decay ``min(1 - 1/(t+1), ema_decay)`` = 0)
       copies the student into the teacher, so whichever teacher the checkpoint held, pseudo-labels
       come from the initialised student from step 1 on (the released code loads the stage-2
       student into both).
     - Rotation / flip: the data module's weak geometric augmentation stays on for every stage
-      (the paper augments; the released code's stage-3 loaders differ).
+      (kdseg's choice; the released code's stage-3 loaders differ).
 
     Args:
         unsup_weight, anco_weight: loss weights (0 switches a term off).
@@ -455,7 +457,7 @@ class ActionAnatomicalContrast(TeacherStudentMethod):
         anco_num_queries, anco_num_negatives, anco_hard_threshold, anco_temperature: AnCo
             sampling and loss (256, 512, 0.97, 0.5).
         anco_memory_size_per_class: per-class FIFO of past pixel embeddings for negatives
-            (0 = the batch only, as in the paper).
+            (0 = the batch only, as the released ``compute_reco_loss``).
         representation_dim: size of AnCo's pixel embeddings.
         cutmix_area: range of the CutMix box area (fraction of the image).
         perturbation: the colour / blur / noise perturbation after CutMix.
@@ -468,7 +470,7 @@ class ActionAnatomicalContrast(TeacherStudentMethod):
     def __init__(
         self,
         unsup_weight: float = 1.0,
-        anco_weight: float = 1.0,
+        anco_weight: float = 0.01,
         unsup_weighting: str = "confident_fraction",
         unsup_confidence_threshold: float = 0.97,
         anco_confidence_threshold: float = 0.7,

@@ -18,7 +18,14 @@ from kdseg.networks.unet import run_unet_decoder
 
 class AuxiliaryDecoder(nn.Module):
     """A second U-Net decoder and head on the shared encoder, fed with dropout-perturbed encoder
-    features (the auxiliary branch of WSL4MIS's ``UNet_CCT``-style dual-branch network)."""
+    features (the auxiliary branch of WSL4MIS's ``UNet_CCT``-style dual-branch network).
+
+    The dropout is channel-wise (``nn.Dropout2d``: whole feature maps are zeroed), as WSL4MIS
+    ``code/networks/unet.py``: ``UNet_CCT.forward`` feeds ``aux_decoder1`` with
+    ``Dropout(i) for i in feature``, where ``Dropout`` is ``torch.nn.functional.dropout2d(x, p=0.5)``.
+    smp's ``encoder_features[0]`` is the input image itself, not a learned stage, so it is left
+    as is (WSL4MIS's first feature is its first conv block's output, which here is
+    ``encoder_features[1]``)."""
 
     def __init__(self, decoder: nn.Module, head: nn.Module, dropout: float) -> None:
         super().__init__()
@@ -38,7 +45,9 @@ class DMPLS(SegmentationMethod):
     ``y_mix = argmax(beta * p_main + (1 - beta) * p_aux)``, ``beta ~ U(0, 1)`` drawn each step
     (``dmpls_loss``). Both branches share the encoder; the auxiliary decoder is a fresh copy of the
     main decoder's architecture (own weights, initialised like it), fed with encoder features
-    through spatial dropout (``aux_dropout``, 0.5). Evaluation uses the main branch, as the paper.
+    through channel dropout (``aux_dropout``, 0.5). Evaluation uses the main branch, as WSL4MIS's
+    DMPLS script (``code/train_weakly_supervised_segmentation_pCE_ours_proposed.py`` validates
+    with ``code/val_2D.py`` ``test_single_volume_cct``, which keeps ``net(input)[0]``).
 
     Args:
         pseudo_weight: weight of ``L_pls`` (0.5 in WSL4MIS).

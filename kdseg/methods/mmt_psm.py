@@ -45,9 +45,14 @@ class MMTPSM(InstanceTeacherStudentMethod):
        view; detections with score >= ``pseudo_label_score`` (after per-class NMS) are
        pseudo-labels. RoIs are drawn from the teacher's RPN proposals (+ the pseudo boxes) as
        Mask R-CNN samples training RoIs (IoU >= 0.5 positive, at most 25 % positives) and are
-       shared by every teacher view and the student. (The public code detects on the first
-       perturbed view; the clean view is used here so that the pseudo-labels do not depend on
-       the random erasing.)
+       shared by every teacher view and the student. The public code also takes the teacher's
+       detections and RPN proposals from one view: ``GeneralizedRCNN.forward_teacher``
+       (``maskrcnn_benchmark/modeling/detector/generalized_rcnn.py``) detects on ``images[0]``
+       and passes only the first view's FPN features (``aug_features[0]``, a tuple) to
+       ``rpn.forward_teacher``, whose K-view averaging branch runs for a list only (its comment:
+       multiple views are not used for teacher proposals). Departure: that view is the first
+       perturbed one; the clean view is used here so that the pseudo-labels and RoIs do not
+       depend on the random erasing.
     2. **K-times augmented self-ensemble.** The teacher sees ``num_views`` = K views, each with
        its own photometric jitter and random erasing; odd views are also horizontally flipped
        (K = 4: two perturbations, each plain and flipped, as the public code's ``AUG_K = 2``).
@@ -81,15 +86,12 @@ class MMTPSM(InstanceTeacherStudentMethod):
 
     Scale of ``L_mgd`` from scratch: ``L_mgd`` is a raw squared feature difference, so its
     size follows the FPN features' scale, which nothing fixes when the detector is trained from
-    scratch (the paper starts from ImageNet weights). Measured on ISBI 2014 at the end of a
-    150-step warm-up (ResNet-18 FPN, 64 channels, cpu profile, 3 batches, by
-    ``experiments/isbi2014/diagnose_mmt_psm.py grad``): ``L_mgd`` 11-23, gradient norms
-    ``|grad L_sup|`` 3.4-4.9, ``|grad lambda w_psm L_psm|`` 4.2-9.4 and
-    ``|grad lambda (w_psm L_psm + w_mgd L_mgd)|`` 183-248 with ``w_mgd = 1``. Under gradient
-    clipping (10) the supervised gradient then shrinks about 20-fold and the student's
-    validation AJI fell from 0.60-0.63 to 0.37-0.57 within 50 steps. ``mgd_weight`` is therefore
-    a budget setting: the cpu profile (``experiments/reproduce/profiles/cpu.yaml``) sets it so
-    that the MGD gradient is of the supervised one's order; the config keeps the paper's 1.
+    scratch (the public config starts from a trained Mask R-CNN, ``MODEL.WEIGHT:
+    e2e_mask_rcnn_R_50_FPN_1x.pth`` in ``configs/pap/e2e_mask_rcnn_R_50_FPN_1x.yaml``).
+    ``mgd_weight`` is therefore a budget setting: the cpu profile
+    (``experiments/reproduce/profiles/cpu.yaml``) lowers it so that the MGD gradient is of the
+    supervised one's order; the configs keep the public script's 1 (``MT.FG_HINT 1.`` in
+    ``scripts/train_mt.sh``). Measurements: ``experiments/results/notes/mmt_psm.md``.
 
     Args:
         num_views: K teacher views (1 = the single-view ablation; sensitivities are then all 0

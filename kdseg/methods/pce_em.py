@@ -13,12 +13,16 @@ from kdseg.methods.base import SegmentationMethod
 
 
 class PartialCEEntropyMinimization(SegmentationMethod):
-    """``L = L_pce + entropy_weight * L_em``, ``L_em`` the mean per-pixel prediction entropy over
-    all pixels (annotated or not): it pushes unannotated pixels to confident predictions.
+    """``L = L_pce + entropy_weight * L_em``, ``L_em = mean_pixels(H(p)) / ln C``: the per-pixel
+    prediction entropy over all pixels (annotated or not), normalised to [0, 1]; it pushes
+    unannotated pixels to confident predictions.
+
+    As WSL4MIS ``code/train_weakly_supervised_pCE_Entropy_Mini_2D.py``: ``loss_ce + 0.1 *
+    entropy_loss(softmax, C=4)``, where ``entropy_loss`` (``code/utils/losses.py``) divides the
+    mean entropy by ``ln C``; a fixed weight without ramp-up.
 
     Args:
-        entropy_weight: weight of ``L_em`` (0.1: a fixed weight; EM has no teacher whose early
-            noise would call for a ramp-up).
+        entropy_weight: weight of ``L_em`` (0.1, WSL4MIS).
     """
 
     required_supervision = "scribble"
@@ -31,7 +35,7 @@ class PartialCEEntropyMinimization(SegmentationMethod):
         labeled = batch["labeled"]
         logits = self.student(labeled["image"]).logits
         L_pce = partial_cross_entropy(logits, labeled["target"], self.scribble_ignore_index)
-        L_em = entropy_minimization(logits)
+        L_em = entropy_minimization(logits, normalized=True)
         loss = L_pce + self.entropy_weight * L_em
         self.log_dict({"train/loss": loss, "train/pce": L_pce, "train/entropy": L_em})
         return loss

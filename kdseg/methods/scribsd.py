@@ -1,7 +1,7 @@
 """``scribsd``: ScribSD (Qu et al., MICCAI 2023 MILLanD workshop), the predecessor of ScribSD+:
 single-scale prediction-level KD plus multi-scale feature-level KD from the EMA teacher, no
 contrast. Implemented as :class:`~kdseg.methods.scribsd_plus.ScribSDPlus` with other defaults,
-so the two differ exactly in what the papers say differs."""
+so the two differ only in those defaults (multi-scale prediction KD and contrast switched off)."""
 
 from __future__ import annotations
 

@@ -30,35 +30,25 @@ ablation configs switch the regularizers off one at a time):
   output, anchored by pCE) supervises every student scale, pooled to that scale. The alternative
   ``same_scale`` distils each teacher head into the same student head; its coarse heads are then
   only ever distilled from each other (the teacher is the student's EMA), so it needs
-  ``ds_pce_weight > 0`` to anchor them to the scribbles. A first CPU run used ``same_scale`` with
-  pCE averaged equally over the four scales (the full-resolution head got a quarter of the
-  scribble signal), hence the undiluted main pCE now.
-- Measured at the 1500-step CPU budget on real ACDC scribbles (``experiments/results/
-  acdc_scribble_cpu/``): with these defaults ScribSD+ reaches a mean Dice of 0.681 +- 0.020 over
-  2 seeds against 0.505 +- 0.038 for pCE; it stays below pCE + entropy minimization (0.705) and
-  DMPLS (0.736) at that budget. The earlier noisy-student default did not beat pCE (see Views).
-  The defaults are not tuned beyond that.
+  ``ds_pce_weight > 0`` to anchor them to the scribbles. The main pCE is on the full-resolution
+  head alone, undiluted by the coarse scales.
 - KD temperature ``T = 2`` with Hinton's ``T^2`` factor, the same on both sides: the abstract
   speaks of the teacher's *soft* predictions, whose class-similarity information a softer target
   carries; 2 is the common default and ``kd_temperature`` exposes it. The alternative, a sharpened
-  teacher (``kd_teacher_temperature`` < ``kd_temperature``, as MMT-PSM sharpens), ended within
-  0.005 Dice of it in a one-seed diagnostic (T = 1, T_t = 0.5: 0.709 vs 0.704), so the soft,
-  paper-literal target stays the default.
+  teacher (``kd_teacher_temperature`` < ``kd_temperature``, as MMT-PSM sharpens), is available;
+  the soft target is the default because it is what the abstract describes.
 - KD on all pixels (annotated or not): the unannotated ~90% of pixels are exactly where
   scribble supervision is missing, and on annotated pixels agreeing with the teacher is harmless.
 - Views: the student sees the clean (weakly augmented) slice, the teacher the same slice plus
   clipped Gaussian noise ``clamp(N(0, 0.1^2), -0.2, 0.2)`` (``noise_on: teacher``), the placement
-  SSL4MIS's mean teacher uses. The alternative, noise on the student (``noise_on: student``), was
-  this implementation's first default and was measured to hurt: the student is evaluated on clean
-  slices, and on real ACDC scribbles at the CPU budget the noisy-student runs stayed near 0.2-0.27
-  validation Dice at step 499 where the noisy-teacher run reached 0.477 (pCE: 0.455 / 0.479), see
-  ``experiments/results/acdc_scribble_cpu/scribsd_plus_runs.md``. ``noise_on: none`` is available.
+  SSL4MIS's mean teacher uses; the student is evaluated on clean slices, so it also trains on
+  them. ``noise_on: student`` and ``noise_on: none`` are available.
 - Contrast: a projection head (3x3 conv, BN, ReLU, 1x1 conv to ``projection_dim`` = 64) on the
   full-resolution decoder feature; pixels whose teacher confidence is >= ``confidence_threshold``
   (0.9) take the teacher's class where no scribble exists (scribbles win where present);
   prototypes are the batch means of the student embeddings of each class; up to
   ``max_pixels_per_class`` (256) anchors per class keep memory bounded; temperature 0.1
-  (the usual InfoNCE value).
+  (a common InfoNCE value).
 - Ramp-up: both weights follow ``sigmoid_rampup(t, rampup_steps)`` (Laine & Aila), as mean-teacher
   consistency weights do, because early teacher predictions are noise.
 - Evaluation uses the student (as WSL4MIS reports); ``eval_network: teacher`` is available.

@@ -10,7 +10,12 @@ import torch
 from torch import Tensor
 
 from kdseg.losses.segmentation import ce_dice_loss
-from kdseg.losses.uncertainty import masked_softmax_mse, noisy_teacher_passes, uncertainty_threshold
+from kdseg.losses.uncertainty import (
+    encoder_dropout_logits,
+    masked_softmax_mse,
+    noisy_teacher_passes,
+    uncertainty_threshold,
+)
 from kdseg.methods.mean_teacher import MeanTeacher
 
 __all__ = ["UncertaintyAwareMeanTeacher"]
@@ -22,23 +27,30 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
     As :class:`~kdseg.methods.mean_teacher.MeanTeacher` (same supervised loss, teacher input
     noise, consistency weight ramp ``w(t)``), but the consistency only counts pixels where the
     teacher is certain: the teacher segments ``mc_samples`` (T = 8) noisy copies of the unlabeled
-    batch, the predictive entropy ``U`` of their mean probability is the uncertainty, and pixels
-    with ``U >= H(t) = (0.75 + 0.25 * sigmoid_rampup(t, uncertainty_rampup_steps)) * H_max`` are
+    batch with its encoder dropout active, the predictive entropy ``U`` of their mean probability
+    is the uncertainty, and pixels with
+    ``U >= H(t) = (0.75 + 0.25 * sigmoid_rampup(t, uncertainty_rampup_steps)) * H_max`` are
     masked out (the threshold rises from 75% to 100% of ``H_max``, so more pixels join over time).
+
+    Reference: SSL4MIS ``code/train_uncertainty_aware_mean_teacher_2D.py``. Its EMA teacher is
+    never switched to eval mode, so the dropout of its ``UNet`` encoder (``code/networks/unet.py``)
+    is active in all T passes and in the target pass; the threshold is ``(0.75 + 0.25 *
+    sigmoid_rampup(iter_num, max_iterations)) * np.log(2)``.
 
     Choices (each with its reason):
 
-    - Stochasticity: kdseg keeps the EMA teacher in eval mode (see
-      :class:`~kdseg.methods.base.TeacherStudentMethod`) and the smp U-Net has no dropout, so the
-      T passes differ only by their Gaussian input noise
-      ``clamp(N(0, noise_std^2), -noise_clip, noise_clip)`` (the noise of SSL4MIS's 2D script).
-      SSL4MIS's teacher also runs in train mode with its UNet's encoder dropout active, so its
-      passes vary more; expect fewer pixels masked here at the same threshold.
+    - Stochasticity as SSL4MIS: Gaussian input noise ``clamp(N(0, noise_std^2), -noise_clip,
+      noise_clip)`` plus element-wise dropout at SSL4MIS's encoder rates
+      (:func:`~kdseg.losses.uncertainty.encoder_dropout_logits`; applied to the smp encoder's
+      stage outputs, as that encoder has no dropout). ``teacher_dropout: false`` leaves input
+      noise only. Departure: kdseg's teacher keeps eval-mode BatchNorm (running statistics), as
+      every kdseg teacher (:class:`~kdseg.methods.base.TeacherStudentMethod`).
     - The T passes plus the consistency target (one more noisy pass, as in SSL4MIS) run as one
       batched teacher forward of ``(T + 1) * B`` images.
-    - ``H_max = ln(C)``, the largest possible entropy of ``C`` classes, so the threshold means the
-      same for any class count. SSL4MIS's 2D script uses ``ln 2`` (kept from the binary 3D
-      original); set ``max_entropy: 0.6931`` to reproduce it.
+    - ``H_max = ln 2`` as SSL4MIS's 2D script (kept there from the binary 3D original) although
+      ACDC has 4 classes: with ``ln 4`` the threshold would start above ``ln 2`` and mask almost
+      nothing (``experiments/results/notes/uncertainty_teachers.md``). ``max_entropy: null``
+      gives ``ln(num_classes)``.
     - The threshold ramp runs over ``uncertainty_rampup_steps`` (SSL4MIS: ``max_iterations``).
     - The consistency is normalised as in SSL4MIS (:func:`~kdseg.losses.uncertainty.masked_softmax_mse`).
 
@@ -46,6 +58,7 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
         mc_samples: T, the teacher's noisy passes for the uncertainty.
         uncertainty_rampup_steps: steps of the threshold's sigmoid ramp.
         max_entropy: ``H_max``; None = ``ln(num_classes)``.
+        teacher_dropout: dropout in the teacher's passes (SSL4MIS's encoder rates).
         (other arguments: see :class:`~kdseg.methods.mean_teacher.MeanTeacher`)
     """
 
@@ -53,7 +66,8 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
         self,
         mc_samples: int = 8,
         uncertainty_rampup_steps: int = 30000,
-        max_entropy: float | None = None,
+        max_entropy: float | None = math.log(2),
+        teacher_dropout: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -62,6 +76,7 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
         self.mc_samples = mc_samples
         self.uncertainty_rampup_steps = uncertainty_rampup_steps
         self.max_entropy = math.log(self.num_classes) if max_entropy is None else max_entropy
+        self.teacher_dropout = teacher_dropout
 
     def uncertainty_threshold_at(self, step: int) -> float:
         return uncertainty_threshold(step, self.uncertainty_rampup_steps, self.max_entropy)
@@ -69,9 +84,13 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
     def teacher_with_uncertainty(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """``(teacher_logits, uncertainty)`` of ``image`` ``(B, 1, H, W)``: see
         :func:`~kdseg.losses.uncertainty.noisy_teacher_passes`."""
-        return noisy_teacher_passes(
-            lambda x: self.teacher_forward(x).logits, image, self.mc_samples, self.noise_std, self.noise_clip
-        )
+        return noisy_teacher_passes(self.teacher_pass, image, self.mc_samples, self.noise_std, self.noise_clip)
+
+    def teacher_pass(self, image: Tensor) -> Tensor:
+        """One stochastic teacher pass: logits ``(N, C, H, W)`` of ``image`` ``(N, 1, H, W)``."""
+        if self.teacher_dropout:
+            return encoder_dropout_logits(self.ema_teacher, image)
+        return self.teacher_forward(image).logits
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         labeled, unlabeled = batch["labeled"], batch["unlabeled"]
