@@ -26,6 +26,13 @@ class SignalAtStep(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SignalAtSanityCheck(pl.Callback):
+    """Sends SIGTERM to this process as the sanity-check validation starts (before training)."""
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class WaitAtStep(pl.Callback):
     """At the end of step ``step`` writes ``flag_file`` and waits (at most ``timeout`` s) until a
     signal has reached :class:`GracefulInterrupt`: another process sends it a real signal."""

@@ -123,3 +123,15 @@ def test_real_sigterm_to_a_cli_process_saves_the_step_and_resumes_exactly(in_tmp
     full = run_cli(_fit_args("phantom/mean_teacher.yaml", 7, SEGMENTATION, "full"))
     resumed = run_cli(_fit_args("phantom/mean_teacher.yaml", 7, SEGMENTATION, "resumed") + [f"--ckpt_path={last}"])
     assert_same_weights(full.model.state_dict(), resumed.model.state_dict())
+
+
+def test_sigterm_before_training_exits_143_without_a_checkpoint(in_tmp_cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A signal during the sanity check stops the fit there (Lightning's handling), but with the
+    interrupted exit status, not 0."""
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(_fit_args("phantom/mean_teacher.yaml", 4, SEGMENTATION, "early") + [
+            "--trainer.callbacks+=fault_injection.SignalAtSanityCheck",
+        ])
+    assert stopped.value.code == 143
+    assert "kdseg: SIGTERM before the first training step: stopped, nothing saved" in capsys.readouterr().err
+    assert not list(in_tmp_cwd.glob("runs/*/early/checkpoints/*.ckpt"))

@@ -8,7 +8,8 @@ of Lightning's mid-epoch checkpoints) the state is written to ``last.ckpt`` thro
 :class:`~kdseg.callbacks.latest_checkpoint.LatestCheckpoint`, one ``kdseg:`` line names it, and
 the fit ends with exit status ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), the shell's
 convention. A second Ctrl-C interrupts at once (no checkpoint). A signal during a validation
-takes effect after the next training step (the validation is not cut short).
+takes effect after the next training step (the validation is not cut short). Before training
+starts (setup, sanity check) Lightning's SIGTERM handling stops the fit; it exits 143 too.
 """
 
 from __future__ import annotations
@@ -58,13 +59,22 @@ class GracefulInterrupt(Checkpoint):
         if signum == signal.SIGINT:  # a second Ctrl-C is an immediate KeyboardInterrupt
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After Lightning's own SIGTERM handler (registered at the start of fit), which it replaces.
+    def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
-            return
+            return  # Python delivers signals to the main thread only
+        if self.signum is not None:
+            return  # already signalled (a second Ctrl-C must stay immediate)
         for signum in HANDLED_SIGNALS:
-            self._previous[signum] = signal.getsignal(signum)
+            self._previous.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, self._request_stop)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before Lightning registers its SIGTERM handler, which then calls this one too.
+        self._install()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # From here on only this handler: Lightning's would cut a validation short and exit 0.
+        self._install()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -81,6 +91,14 @@ class GracefulInterrupt(Checkpoint):
         if trainer.is_global_zero:
             print(message, file=sys.stderr, flush=True)
         raise RunInterrupted(self.signum)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning's own SIGTERM stop (a signal during setup or the sanity check, before the
+        # first training step) is a SystemExit with code None, i.e. exit 0: make it 143 as well.
+        if isinstance(exception, SIGTERMException) and not isinstance(exception, RunInterrupted):
+            exception.code = 128 + signal.SIGTERM
+            if trainer.is_global_zero:
+                print("kdseg: SIGTERM before the first training step: stopped, nothing saved", file=sys.stderr, flush=True)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
