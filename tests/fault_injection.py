@@ -26,6 +26,17 @@ class SignalAtStep(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class KillAtStep(pl.Callback):
+    """``kill -9`` of this process as training step ``step + 1`` starts (no handler can run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class SignalAtSanityCheck(pl.Callback):
     """Sends SIGTERM to this process as the sanity-check validation starts (before training)."""
 

@@ -26,6 +26,12 @@ TESTS = Path(__file__).resolve().parent
 SEGMENTATION = [*PHANTOM_TINY_DATA, *TINY_NETWORK]
 
 
+def _child_env() -> dict[str, str]:
+    """A ``kdseg`` subprocess with ``tests/`` importable and torch on 1 thread, as this process
+    (conftest): another thread count sums in another order, a difference of ~1e-6 by itself."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
+
+
 def _fit_args(config: str, steps: int, extra: list[str], version: str) -> list[str]:
     return [
         "fit", f"--config={REPO / 'experiments' / config}", f"--trainer.max_steps={steps}",
@@ -101,7 +107,7 @@ def test_real_sigterm_to_a_cli_process_saves_the_step_and_resumes_exactly(in_tmp
     """``kill -TERM`` to a running ``kdseg fit``: exit 143, one kdseg line naming last.ckpt,
     which holds the step reached (mid-epoch) and resumes to the uninterrupted weights."""
     flag = in_tmp_cwd / "at_step"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
+    env = _child_env()
     args = _fit_args("phantom/mean_teacher.yaml", 7, SEGMENTATION, "cut") + [
         "--trainer.callbacks+=fault_injection.WaitAtStep", "--trainer.callbacks.step=3",
         f"--trainer.callbacks.flag_file={flag}",
@@ -135,3 +141,20 @@ def test_sigterm_before_training_exits_143_without_a_checkpoint(in_tmp_cwd: Path
     assert stopped.value.code == 143
     assert "kdseg: SIGTERM before the first training step: stopped, nothing saved" in capsys.readouterr().err
     assert not list(in_tmp_cwd.glob("runs/*/early/checkpoints/*.ckpt"))
+
+
+def test_kill_9_after_a_validation_resumes_exactly_from_its_last_ckpt(in_tmp_cwd: Path) -> None:
+    """The issue's case: ``kill -9`` after the validation of step 4 (last.ckpt written there, at
+    the validation's end, mid-epoch), resume from that last.ckpt."""
+    env = _child_env()
+    args = _fit_args("phantom/mean_teacher.yaml", 9, SEGMENTATION, "cut") + [
+        "--trainer.callbacks+=fault_injection.KillAtStep", "--trainer.callbacks.step=5",
+    ]
+    killed = subprocess.run([sys.executable, "-m", "kdseg.cli", *args], cwd=in_tmp_cwd, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    last = _last_ckpt(in_tmp_cwd, "cut")
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    full = run_cli(_fit_args("phantom/mean_teacher.yaml", 9, SEGMENTATION, "full"))
+    resumed = run_cli(_fit_args("phantom/mean_teacher.yaml", 9, SEGMENTATION, "resumed") + [f"--ckpt_path={last}"])
+    assert_same_weights(full.model.state_dict(), resumed.model.state_dict())
