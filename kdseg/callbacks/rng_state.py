@@ -12,6 +12,10 @@ after Lightning has restored everything else and created the loaders' iterators 
 iterator draws its worker base seed from the global generator), right before the first batch.
 With ``num_workers > 0`` the workers' generators live in other processes and are not captured:
 exact resume is for ``num_workers: 0`` (with workers, batches and positions still resume).
+
+A checkpoint written after an epoch's last batch also needs fresh loader iterators for the next
+epoch (see :meth:`RNGStateCheckpoint.on_train_start`); this reaches into Lightning 2.6's fit loop
+(``fit_loop._data_fetcher``), so ``tests/test_faults_resume.py`` guards it across upgrades.
 """
 
 from __future__ import annotations
@@ -73,7 +77,8 @@ class RNGStateCheckpoint(pl.Callback):
         restore_rng_states(self._to_restore)
         self._to_restore = None
         loop = trainer.fit_loop
-        if loop._data_fetcher is not None and loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches:
+        at_epoch_end = loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
+        if at_epoch_end and loop._data_fetcher is not None:
             # Saved after an epoch's last batch: the restored iterators are spent but have not
             # raised StopIteration yet; Lightning would reuse them for the next epoch, where
             # max_size_cycle restarts the labeled stream (drawing one permutation) and then ends
