@@ -21,11 +21,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from kdseg.callbacks.atomic_io import AtomicCheckpointIO
+from kdseg.callbacks.interrupt import GracefulInterrupt
 from kdseg.callbacks.latest_checkpoint import LatestCheckpoint
 from kdseg.callbacks.prediction_writer import VolumePredictionWriter
 import kdseg.data  # noqa: F401  (imported so that --help lists every data module)
 import kdseg.methods  # noqa: F401  (imported so that --help lists every method)
+from kdseg.callbacks.rng_state import RNGStateCheckpoint
 from kdseg.callbacks.run_dir import (
     ensure_new_run_dir,
     evaluation_log_root,
@@ -164,9 +168,18 @@ class KdsegCLI(LightningCLI):
         # `checkpoint.save_last`: last.ckpt is written by LatestCheckpoint (the latest state),
         # not by Lightning's save_last, which keeps the state of the latest *improvement*.
         best = next((c for c in callbacks if type(c) is ModelCheckpoint), None)
+        latest = None
         if best is not None and best.save_last:
             best.save_last = False
-            callbacks = [*callbacks, LatestCheckpoint(best.dirpath)]
+            latest = LatestCheckpoint(best.dirpath)
+            callbacks = [*callbacks, latest]
+        # Exact resume (global random states) and SIGTERM/SIGINT -> last.ckpt + exit 143/130.
+        callbacks = [*callbacks, RNGStateCheckpoint(), GracefulInterrupt(latest)]
+        # Every checkpoint is written atomically (a kill while saving keeps the previous file).
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config = {**config, "plugins": [*plugins, AtomicCheckpointIO()]}
         return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
@@ -183,7 +196,6 @@ class KdsegCLI(LightningCLI):
                     f"{dirpath} already holds checkpoints of an earlier run: set another "
                     "--checkpoint.dirpath (kdseg never overwrites checkpoints)"
                 )
-
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:

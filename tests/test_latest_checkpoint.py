@@ -62,3 +62,56 @@ def test_last_ckpt_follows_every_validation(tmp_path) -> None:
     trainer.fit(WorseningModel(), datamodule=Data())
     assert [p.name for p in tmp_path.glob("*.ckpt")] == ["last.ckpt"]
     assert torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 6
+
+
+def test_a_write_interrupted_midway_leaves_the_previous_last_ckpt_loadable(tmp_path, monkeypatch) -> None:
+    """Every checkpoint of a CLI fit goes through AtomicCheckpointIO: a save that dies after
+    writing part of the file (here Ctrl-C inside torch.save) leaves last.ckpt as it was and no
+    temporary file behind."""
+    import kdseg.callbacks.atomic_io as atomic_io
+    from kdseg.callbacks.atomic_io import AtomicCheckpointIO
+
+    cli = main(["fit", "--model", f"{__name__}.WorseningModel", "--data", f"{__name__}.Data",
+                "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
+                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.name=w"])
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    checkpoints = tmp_path / "w" / "version_0" / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    before = last.read_bytes()
+
+    def dies_midway(obj, handle):
+        handle.write(b"partial checkpoint bytes")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic_io.torch, "save", dies_midway)
+    try:
+        cli.trainer.save_checkpoint(last)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the injected failure did not happen")
+    monkeypatch.undo()
+    assert last.read_bytes() == before
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step3-dice0.2500.ckpt", "last.ckpt"]
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path) -> None:
+    """The states the checkpoint holds are loadable with weights_only=True (as the CLI reads
+    --ckpt_path) and restore every generator: the same draws follow."""
+    import random
+
+    import numpy as np
+
+    from kdseg.callbacks.rng_state import capture_rng_states, restore_rng_states
+
+    torch.manual_seed(3), np.random.seed(4), random.seed(5)
+    np.random.randn()  # a cached Gaussian is part of NumPy's state
+    torch.save({"s": capture_rng_states()}, tmp_path / "s.pt")
+    expected = (torch.rand(3), np.random.randn(3), random.random())
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    restore_rng_states(torch.load(tmp_path / "s.pt", weights_only=True)["s"])
+    actual = (torch.rand(3), np.random.randn(3), random.random())
+    assert torch.equal(expected[0], actual[0])
+    assert np.array_equal(expected[1], actual[1]) and expected[2] == actual[2]

@@ -5,7 +5,8 @@ where its top-k checkpoint was saved, i.e. where the monitored metric improved: 
 that did not improve, ``last.ckpt`` is an older state, so resuming from it silently loses steps,
 and evaluating it is evaluating the best checkpoint. This callback is a second, monitor-free
 checkpoint that rewrites ``last.ckpt`` at every save trigger (every validation) and at the end of
-training, so "last" means what users expect.
+training, so "last" means what users expect. :class:`~kdseg.callbacks.interrupt.GracefulInterrupt`
+also writes it, through :meth:`LatestCheckpoint.save_latest`, when a signal stops the fit.
 """
 
 from __future__ import annotations
@@ -37,8 +38,14 @@ class LatestCheckpoint(ModelCheckpoint):
         # Distinct from the best-checkpoint callback's key, so both states survive a resume.
         return "LatestCheckpoint"
 
+    def save_latest(self, trainer: pl.Trainer) -> str:
+        """Writes the current state to ``last.ckpt`` now; returns its path."""
+        path = self.format_checkpoint_name(self._monitor_candidates(trainer))
+        self._save_checkpoint(trainer, path)
+        return path
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The last steps after the last validation are part of the final state too.
         if trainer.fast_dev_run or self._last_global_step_saved == trainer.global_step:
             return
-        self._save_checkpoint(trainer, self.format_checkpoint_name(self._monitor_candidates(trainer)))
+        self.save_latest(trainer)

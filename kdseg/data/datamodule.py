@@ -2,7 +2,8 @@
 
 Both serve
 - ``train_dataloader``: a ``CombinedLoader`` of ``{"labeled": ..., "unlabeled": ...}`` 2D slice
-  batches (``"unlabeled"`` only when ``unlabeled_batch_size > 0``), mode ``max_size_cycle``;
+  batches (``"unlabeled"`` only when ``unlabeled_batch_size > 0``), mode ``max_size_cycle``, of
+  resumable ``StatefulDataLoader``s;
 - ``val/test/predict_dataloader``: whole volumes, one at a time.
 
 Supervision: ``dense`` serves ``label`` as target, ``scribble`` serves ``scribble`` (with
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from kdseg.data.protocol import SplitProtocol, SplitSource, resolve_protocol
 from kdseg.data.slices import SliceDataset, VolumeDataset, first_item
@@ -156,12 +158,14 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
     def num_labeled_slices(self) -> int:
         return sum(v.num_slices for v in self.labeled_volumes)
 
-    def _slice_loader(self, volumes: list[Volume], target_key: str | None, batch_size: int) -> DataLoader:
+    def _slice_loader(self, volumes: list[Volume], target_key: str | None, batch_size: int) -> StatefulDataLoader:
         fill = self.scribble_ignore_index if target_key == "scribble" else 0
         dataset = SliceDataset(
             volumes, target_key, self.image_size, self.augment, fill, self.max_rotation_degrees
         )
-        return DataLoader(
+        # Stateful: Lightning saves its position and shuffling generator in every checkpoint, so a
+        # resumed fit continues the epoch with the same batches (kdseg.callbacks.rng_state).
+        return StatefulDataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=True,

@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from kdseg.data.instances import (
     CLASS_NAMES,
@@ -445,8 +446,9 @@ class CervicalCellDataModule(pl.LightningDataModule):
         return self.unlabeled_batch_size > 0 and bool(self.unlabeled_samples)
 
     # -- loaders ------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> StatefulDataLoader:
+        # Stateful: a resumed fit continues the epoch with the same batches (see datamodule.py).
+        return StatefulDataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
@@ -458,18 +460,18 @@ class CervicalCellDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader:
         labeled = LabeledInstanceDataset(self.labeled_samples, self.crop_size, self.augment, self.min_instance_area)
-        loaders: dict[str, DataLoader] = {"labeled": self._loader(labeled, self.batch_size, shuffle=True)}
+        loaders: dict[str, StatefulDataLoader] = {"labeled": self._loader(labeled, self.batch_size, shuffle=True)}
         if self.has_unlabeled:
             unlabeled = UnlabeledImageDataset(self.unlabeled_samples, self.crop_size, self.augment)
             loaders["unlabeled"] = self._loader(unlabeled, self.unlabeled_batch_size, shuffle=True)
         return CombinedLoader(loaders, mode="max_size_cycle")
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StatefulDataLoader:
         return self._loader(EvalInstanceDataset(self.val_samples, self.val_targets), self.eval_batch_size, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> StatefulDataLoader:
         return self._loader(EvalInstanceDataset(self.test_samples, self.test_targets), self.eval_batch_size,
                             shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> StatefulDataLoader:
         return self._loader(PredictImageDataset(self.predict_samples), self.eval_batch_size, shuffle=False)

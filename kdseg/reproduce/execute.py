@@ -27,7 +27,9 @@ The checkpoint tested is the best by the config's checkpoint monitor (``val/dice
 each checkpoint's own ModelCheckpoint state: a resumed fit keeps no memory of the scores of the
 checkpoints an earlier version wrote.
 
-A failing call (non-zero exit) is recorded with its log paths and the last lines of its stderr;
+A fit that exits 130 / 143 (stopped by SIGINT / SIGTERM, the step it reached saved in
+``last.ckpt``) is interrupted, not failed: reported as such, it resumes on the next call. Any
+other failing call (non-zero exit) is recorded with its log paths and the last lines of its stderr;
 the run is reported as FAILED and the other runs go on. ``jobs`` runs go in parallel (threads
 driving subprocesses); the stages of one run always go in order. Each subprocess gets
 ``OMP_NUM_THREADS`` (torch's intra-op threads) = ``threads``.
@@ -53,6 +55,9 @@ from kdseg.reproduce.metrics import HEADLINE, flatten_test_metrics
 from kdseg.reproduce.plan import INIT_WEIGHTS_ARG, RunPlan, StagePlan
 
 STDERR_TAIL_LINES = 15
+#: Exit statuses of a ``kdseg fit`` stopped by SIGINT / SIGTERM after saving the step it reached
+#: to last.ckpt (kdseg.callbacks.interrupt): an interrupted fit, resumed on the next call.
+INTERRUPTED_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
@@ -149,9 +154,10 @@ def latest_state_checkpoint(folder: Path) -> Path | None:
 def unfinished_training(done: dict[str, Any]) -> str | None:
     """Why a fit that exited 0 did not train to its end, or None when it did.
 
-    Lightning ends a fit gracefully, with exit status 0, on SIGTERM (a stopped runner, a
-    preempted job): the state then holds fewer steps than ``trainer.max_steps``. Such a fit must
-    be resumed, not taken as finished. Checked on ``last.ckpt``, which holds the final state.
+    Lightning alone ends a fit gracefully, with exit status 0, on SIGTERM (a stopped runner, a
+    preempted job); kdseg's CLI exits 143 instead (:data:`INTERRUPTED_EXIT_CODES`), but a fit
+    that exits 0 short of ``trainer.max_steps`` (e.g. another callback's ``should_stop``) must
+    still be resumed, not taken as finished. Checked on ``last.ckpt``, which holds the final state.
     """
     import yaml
 
@@ -355,8 +361,9 @@ class Executor:
                 handed_on = self._run_stage(plan, stage, handed_on, prefix)
         except StageFailed as failed:
             seconds = time.monotonic() - start
-            if self._stop.is_set():
-                self._say(f"{prefix} interrupted after {seconds:.0f}s (the runner was stopped); it resumes on the next call")
+            if self._stop.is_set() or failed.record.get("returncode") in INTERRUPTED_EXIT_CODES:
+                why = "the runner was stopped" if self._stop.is_set() else f"fit exited {failed.record['returncode']}"
+                self._say(f"{prefix} interrupted after {seconds:.0f}s ({why}); it resumes on the next call")
                 return RunResult(plan, "not_run", seconds=seconds)
             record = failed.record
             folder = record.get("folder")
@@ -443,7 +450,7 @@ class Executor:
         if resume:
             self._say(f"{tag}: fit resumes from {resume}")
             rc, out, err = self._call("fit", [*args, f"--ckpt_path={resume}"], folder)
-            if rc != 0 and not self._stop.is_set():
+            if rc != 0 and rc not in INTERRUPTED_EXIT_CODES and not self._stop.is_set():
                 self._say(f"{tag}: resumed fit exited with {rc}; retrying from scratch in a new version folder")
                 rc, out, err = self._call("fit", args, folder)
         else:
