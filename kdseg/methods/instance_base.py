@@ -7,8 +7,8 @@ overwritten. Here the network is torchvision's :class:`~torchvision.models.detec
 and the metrics are the instance metrics of :mod:`kdseg.metrics.instance`.
 
 - :class:`DetectorConfig` / :func:`build_mask_rcnn`: a ResNet-FPN Mask R-CNN built from scratch
-  or from *local* weight files (nothing is ever downloaded). ``resnet50`` is the paper's
-  backbone; ``resnet18`` with narrow heads is the light one for CPUs.
+  or from *local* weight files (nothing is ever downloaded). ``resnet50`` is the public MMT-PSM
+  code's backbone (its maskrcnn-benchmark config, R-50-FPN); ``resnet18`` with narrow heads is the light one for CPUs.
 - Helpers that run parts of a Mask R-CNN by hand, for methods that need RoI logits of given
   RoIs or FPN features: :func:`to_rgb`, :func:`preprocess`, :func:`detect_in_input_frame`,
   :func:`sample_shared_rois`, :func:`roi_class_logits` (also for flipped views),
@@ -73,7 +73,7 @@ class DetectorConfig:
     """The Mask R-CNN of student and teacher.
 
     Attributes:
-        backbone: ``resnet18`` / ``resnet34`` (light) or ``resnet50`` / ``resnet101`` (paper), with FPN.
+        backbone: ``resnet18`` / ``resnet34`` (light) or ``resnet50`` / ``resnet101`` (the public MMT-PSM code uses R-50-FPN), with FPN.
         weights: a local ``.pth`` / ``.pt`` state_dict of a whole Mask R-CNN (e.g. torchvision's
             COCO ``maskrcnn_resnet50_fpn`` file downloaded beforehand, or a ``.ckpt`` of an earlier
             kdseg run); tensors whose name and shape match are loaded, class-specific layers of
@@ -81,9 +81,9 @@ class DetectorConfig:
         backbone_weights: a local ImageNet ``state_dict`` of the ResNet trunk.
         trainable_layers: trainable ResNet stages counted from the top (5 = all). With pretrained
             weights torchvision's convention is 3 (and frozen BatchNorm); from scratch use 5.
-        fpn_channels: FPN width (256 in the paper; 64 is enough on a CPU).
-        box_representation_size: width of the two-layer MLP box head (1024 in the paper).
-        mask_head_channels: width of the four-conv mask head (256 in the paper).
+        fpn_channels: FPN width (256 in the public MMT-PSM code's maskrcnn-benchmark config; 64 is enough on a CPU).
+        box_representation_size: width of the two-layer MLP box head (``MLP_HEAD_DIM`` 1024 in the public code's config).
+        mask_head_channels: width of the four-conv mask head (256 in the public code's config).
         min_size, max_size: the detector's internal resize (shorter side, longer-side cap). Use
             the training image size to keep images at scale 1.
         anchor_sizes: one anchor size per FPN level (5 levels).
@@ -773,7 +773,7 @@ class InstanceTeacherStudentMethod(EMATeacherMixin, InstanceSegmentationMethod):
     that way, MMT-PSM's student fell to validation AJI 0-0.3 once the unlabeled losses started;
     with this default its lowest validation AJI after the warm-up was 0.37-0.46 (w_mgd = 1; the
     rest of that drop is the MGD gradient's scale, see :class:`~kdseg.methods.mmt_psm.MMTPSM`).
-    The paper's detector cannot have the problem: maskrcnn-benchmark freezes the BatchNorm of
+    The public code's detector cannot have the problem: maskrcnn-benchmark freezes the BatchNorm of
     its ImageNet-pretrained ResNet-50 (as :func:`build_mask_rcnn` does with pretrained
     weights), so unlabeled views never touch it.
 
