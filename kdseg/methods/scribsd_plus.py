@@ -52,6 +52,11 @@ ablation configs switch the regularizers off one at a time):
 - Ramp-up: both weights follow ``sigmoid_rampup(t, rampup_steps)`` (Laine & Aila), as mean-teacher
   consistency weights do, because early teacher predictions are noise.
 - Evaluation uses the student (as WSL4MIS reports); ``eval_network: teacher`` is available.
+- Which set chose what: the class defaults above (``noise_on: teacher``, ``kd_target:
+  full_resolution``) were picked on the test patients of the cpu table and are kept only so older
+  runs reload; the ACDC configs use ``noise_on: student`` and ``kd_target: same_scale``, chosen on 5
+  held-out train patients (validation only; 250 steps, one seed:
+  ``experiments/results/notes/scribsd_plus_validation_choices.md``).
 """
 
 from __future__ import annotations
