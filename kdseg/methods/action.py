@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from kdseg.data.augment import StrongPerturbation, cutmix, random_erasing
 from kdseg.losses.anatomical_contrast import anatomical_contrast_loss
+from kdseg.networks.pointwise import RowSparseGradConv1x1
 from kdseg.losses.contrastive_distillation import (
     FeatureMemoryBank,
     contrastive_distillation_loss,
@@ -120,7 +121,8 @@ class RepresentationHead(nn.Module):
     def __init__(self, in_channels: Sequence[int], dim: int) -> None:
         super().__init__()
         self.level_projections = nn.ModuleList(nn.Conv2d(c, dim, 1, bias=False) for c in in_channels)
-        self.out = nn.Sequential(nn.BatchNorm2d(dim), nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 1))
+        # Only AnCo's query pixels get a gradient: the last 1x1 conv's backward skips the others.
+        self.out = nn.Sequential(nn.BatchNorm2d(dim), nn.ReLU(inplace=True), RowSparseGradConv1x1(dim, dim))
 
     def fused(self, features: Sequence[Tensor]) -> Tensor:
         """``Conv1x1(concat(upsampled features))`` before BN, computed level by level."""
