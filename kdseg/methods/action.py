@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from kdseg.data.augment import StrongPerturbation, cutmix, random_erasing
 from kdseg.losses.anatomical_contrast import anatomical_contrast_loss
-from kdseg.networks.pointwise import RowSparseGradConv1x1
 from kdseg.losses.contrastive_distillation import (
     FeatureMemoryBank,
     contrastive_distillation_loss,
@@ -38,6 +37,7 @@ from kdseg.losses.contrastive_distillation import (
 from kdseg.losses.hard_negative_sampling import HardNegativeSampler
 from kdseg.losses.segmentation import ce_dice_loss
 from kdseg.methods.base import TeacherStudentMethod
+from kdseg.networks.pointwise import RowSparseGradConv1x1
 from kdseg.networks.unet import SegmentationNetwork
 
 __all__ = [
