@@ -51,7 +51,9 @@ is measured from the moment model and batch exist, so it is the cost of the trai
 (activations, gradients, optimizer state, teacher passes). The step is ``training_step`` +
 backward + SGD step (+ the EMA update of the teacher for teacher-student methods).
 
-CUDA variants: fp32, bf16 autocast and (semantic family only) bf16 + channels-last. Channels-last
+CUDA variants: fp32, bf16 autocast and (semantic family only) bf16 + channels-last; CPU: fp32.
+``--variants`` replaces them on every device (e.g. ``32-true bf16-mixed 32-true+cl`` to try bf16
+autocast and channels-last on the CPU). Channels-last
 does not apply to the detectors: torchvision's Mask R-CNN re-batches its list of images into a
 new contiguous NCHW tensor in its own transform, so only the weights could be converted and the
 run would measure a mixed-format network; it is skipped for the instance family.
@@ -332,8 +334,20 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def variants_for(device: str, family: str) -> list[tuple[str, bool]]:
-    """``(precision, channels_last)`` runs of a family on a device (see the module docstring)."""
+def parse_variant(text: str) -> tuple[str, bool]:
+    """``"32-true"`` / ``"bf16-mixed"``, with ``+cl`` for channels-last -> ``(precision, channels_last)``."""
+    precision, _, suffix = text.partition("+")
+    if precision not in ("32-true", "bf16-mixed") or suffix not in ("", "cl"):
+        raise argparse.ArgumentTypeError(f"variant {text!r}: expected 32-true or bf16-mixed, optionally +cl")
+    return precision, suffix == "cl"
+
+
+def variants_for(device: str, family: str, requested: list[tuple[str, bool]] | None = None) -> list[tuple[str, bool]]:
+    """``(precision, channels_last)`` runs of a family on a device (see the module docstring);
+    ``requested`` (``--variants``) replaces the device's defaults, channels-last dropped for the
+    instance family."""
+    if requested is not None:
+        return [v for v in requested if family == "semantic" or not v[1]]
     if device != "cuda":
         return [("32-true", False)]
     return [("32-true", False), ("bf16-mixed", False)] + ([("bf16-mixed", True)] if family == "semantic" else [])
@@ -344,9 +358,11 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     for device in devices:
         runs = []
-        for precision, channels_last in dict.fromkeys(v for f in FAMILY_REFERENCE for v in variants_for(device, f)):
+        requested = args.variants
+        for precision, channels_last in dict.fromkeys(v for f in FAMILY_REFERENCE
+                                                      for v in variants_for(device, f, requested)):
             runs += [(precision, channels_last, name) for name in args.methods
-                     if (precision, channels_last) in variants_for(device, method_family(name))]
+                     if (precision, channels_last) in variants_for(device, method_family(name), requested)]
         for precision, channels_last, name in runs:
             command = [
                 sys.executable, "-m", "kdseg.bench", "--one", METHODS[name][0], "--device", device,
@@ -474,6 +490,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads per method (default: torch's, one per core); 1 gives steadier "
                              "numbers on a machine whose cores are busy with other work")
+    parser.add_argument("--variants", nargs="+", type=parse_variant, default=None,
+                        help="precision variants on every device, e.g. 32-true bf16-mixed 32-true+cl (+cl: "
+                             "channels-last, semantic family only); default: 32-true on CPU, 32-true, "
+                             "bf16-mixed and bf16-mixed+cl on CUDA")
     parser.add_argument("--out", type=Path, default=REPO / "experiments/results/bench")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)

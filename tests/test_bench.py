@@ -59,3 +59,20 @@ def test_bench_new_methods_ratios(tmp_path: Path) -> None:
     assert "ACTION stage 3 (L_sup + L_unsup + L_anco) vs mean_teacher, same batch 2+2" in text
     with pytest.raises(ValueError, match="channels-last"):
         bench.bench_one(bench.METHODS["mmt_psm"][0], "cpu", 32, 2, 1, 0, "bf16-mixed", True)
+
+
+def test_variants_option_on_cpu() -> None:
+    """``--variants``: bf16 autocast and channels-last on the CPU (channels-last never for Mask R-CNN)."""
+    import argparse
+
+    assert bench.parse_variant("32-true+cl") == ("32-true", True)
+    assert bench.parse_variant("bf16-mixed") == ("bf16-mixed", False)
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench.parse_variant("16-mixed")
+    requested = [("32-true", False), ("bf16-mixed", True)]
+    assert bench.variants_for("cpu", "semantic", requested) == requested
+    assert bench.variants_for("cpu", "instance", requested) == [("32-true", False)]
+    assert bench.variants_for("cpu", "semantic") == [("32-true", False)]
+    result = bench.bench_one(bench.METHODS["supervised"][0], "cpu", image_size=32, batch_size=2, steps=1, warmup=0,
+                             precision="bf16-mixed", channels_last=True)
+    assert result["precision"] == "bf16-mixed" and result["channels_last"] and result["step_s"] > 0

@@ -520,11 +520,14 @@ class HardNegativeSampler(nn.Module):
             safe, own, ok, num_classes, self.num_queries, self.hard_threshold,
             generator, self.fill_with_easy,
         )
+        contrasted = {c: q_idx for c, q_idx in queries.items() if bool((relation[c] > 0).any())}
+        # All classes' queries in one gather: its backward then scatters into one zero-filled
+        # (B, D, HW) gradient instead of one per class.
+        gathered = self._gather(view, torch.cat(list(contrasted.values()))) if contrasted else None
+        query_rows = gathered.split([q.numel() for q in contrasted.values()]) if gathered is not None else ()
         samples: list[ContrastSample] = []
-        for c, q_idx in queries.items():
+        for (c, q_idx), class_queries in zip(contrasted.items(), query_rows):
             row = relation[c]
-            if not bool((row > 0).any()):
-                continue  # no other class to contrast with
             n_q = q_idx.numel()
             n_total = n_q * self.num_negatives
             with torch.no_grad():
@@ -532,20 +535,23 @@ class HardNegativeSampler(nn.Module):
                 u = _rand(n_total, generator, device)
                 avail = totals[classes]
                 r = torch.minimum((u * avail).long(), avail - 1)
-                from_batch = r < batch_counts[classes]
-                negatives = torch.empty(n_total, d, dtype=embeddings.dtype, device=device)
-                bi = from_batch.nonzero().flatten()
-                if bi.numel():
-                    pix = pools.sorted_idx[pools.offsets[classes[bi]] + r[bi]]
-                    negatives[bi] = rows[pix]
-                mi = (~from_batch).nonzero().flatten()
-                if mi.numel():
-                    slot = r[mi] - batch_counts[classes[mi]]
-                    negatives[mi] = bank[classes[mi], slot].to(embeddings.dtype)
+                if bank is None:  # every negative is a batch pixel: one gather, no scatter
+                    negatives = rows[pools.sorted_idx[pools.offsets[classes] + r]]
+                else:
+                    from_batch = r < batch_counts[classes]
+                    negatives = torch.empty(n_total, d, dtype=embeddings.dtype, device=device)
+                    bi = from_batch.nonzero().flatten()
+                    if bi.numel():
+                        pix = pools.sorted_idx[pools.offsets[classes[bi]] + r[bi]]
+                        negatives[bi] = rows[pix]
+                    mi = (~from_batch).nonzero().flatten()
+                    if mi.numel():
+                        slot = r[mi] - batch_counts[classes[mi]]
+                        negatives[mi] = bank[classes[mi], slot].to(embeddings.dtype)
             samples.append(
                 ContrastSample(
                     class_index=c,
-                    queries=self._gather(view, q_idx),
+                    queries=class_queries,
                     prototype=prototypes[c].to(embeddings.dtype),
                     negatives=negatives.view(n_q, self.num_negatives, d),
                 )

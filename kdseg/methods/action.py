@@ -37,6 +37,7 @@ from kdseg.losses.contrastive_distillation import (
 from kdseg.losses.hard_negative_sampling import HardNegativeSampler
 from kdseg.losses.segmentation import ce_dice_loss
 from kdseg.methods.base import TeacherStudentMethod
+from kdseg.networks.pointwise import RowSparseGradConv1x1
 from kdseg.networks.unet import SegmentationNetwork
 
 __all__ = [
@@ -120,7 +121,8 @@ class RepresentationHead(nn.Module):
     def __init__(self, in_channels: Sequence[int], dim: int) -> None:
         super().__init__()
         self.level_projections = nn.ModuleList(nn.Conv2d(c, dim, 1, bias=False) for c in in_channels)
-        self.out = nn.Sequential(nn.BatchNorm2d(dim), nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 1))
+        # Only AnCo's query pixels get a gradient: the last 1x1 conv's backward skips the others.
+        self.out = nn.Sequential(nn.BatchNorm2d(dim), nn.ReLU(inplace=True), RowSparseGradConv1x1(dim, dim))
 
     def fused(self, features: Sequence[Tensor]) -> Tensor:
         """``Conv1x1(concat(upsampled features))`` before BN, computed level by level."""
