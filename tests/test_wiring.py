@@ -20,8 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdseg.data.cytology_phantom import make_cytology_phantom
+from kdseg.losses.dice import soft_dice_loss
 from kdseg.losses.segmentation import ce_dice_loss, softmax_mse
-from kdseg.methods import USTM, MeanTeacher, NetworkConfig, ScribSD, ScribSDPlus
+from kdseg.methods import DMPLS, USTM, MeanTeacher, NetworkConfig, ScribSD, ScribSDPlus
+from kdseg.methods import instance_base, instance_mean_teacher, mmt_psm
 from kdseg.methods.action import (
     HEAD_GLOBAL_PREDICTOR,
     HEAD_GLOBAL_PROJECTION,
@@ -31,11 +34,19 @@ from kdseg.methods.action import (
     ActionGlobalDistillation,
     ActionLocalDistillation,
 )
+from kdseg.methods.instance_base import DetectorConfig
+from kdseg.methods.instance_mean_teacher import InstanceMeanTeacher
+from kdseg.methods.mmt_psm import MMTPSM
 from kdseg.methods.ua_mt import UncertaintyAwareMeanTeacher
 
 TINY4 = NetworkConfig(encoder_depth=4, decoder_channels=[32, 16, 8, 8])
 ZERO = 1e-10  # "exactly 0" up to float rounding of identical computations in different batches
 VISIBLE = 1e-5  # a mismatched pairing gives at least this much
+TINY_DETECTOR = DetectorConfig(
+    backbone="resnet18", fpn_channels=16, box_representation_size=32, mask_head_channels=8,
+    min_size=64, max_size=64, anchor_sizes=[8, 16, 32, 64, 128], rpn_post_nms_top_n_train=100,
+    rpn_post_nms_top_n_test=50, box_detections_per_img=10, box_batch_size_per_image=32,
+)
 
 
 def images(n: int, seed: int, size: int = 32) -> torch.Tensor:
@@ -251,3 +262,251 @@ def test_scribsd_teacher_gets_no_gradient(monkeypatch, cls) -> None:
     capture_logs(model, monkeypatch)
     model.ema_teacher.requires_grad_(True)
     assert_teacher_gets_no_gradient(model, model.training_step(scribble_batch(), 0))
+
+
+# --------------------------------------------------------------------------- ACTION
+
+
+def distillation_kl_by_hand(student: torch.Tensor, teacher: torch.Tensor, anchors: torch.Tensor,
+                            tau_s: float, tau_t: float) -> torch.Tensor:
+    """``mean_i sum_k p_t log(p_t / p_s)`` with ``p = softmax(cos(x_i, a_k) / tau)``, rows ``(N, D)``."""
+    a = F.normalize(anchors, dim=1)
+    log_p_s = F.log_softmax(F.normalize(student, dim=1) @ a.T / tau_s, dim=1)
+    log_p_t = F.log_softmax(F.normalize(teacher, dim=1) @ a.T / tau_t, dim=1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
+
+
+def fill_bank(bank, seed: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Random unit vectors, then ``rows`` (newest last); returns the bank's content."""
+    bank.enqueue(torch.randn(bank.size, bank.dim, generator=torch.Generator().manual_seed(seed)))
+    if rows is not None:
+        bank.enqueue(rows)
+    return bank.get().clone()
+
+
+def strong_by_offset(x: torch.Tensor) -> torch.Tensor:
+    """A deterministic stand-in for the student's strong view, so the two views stay told apart."""
+    return x + 0.25
+
+
+def test_action_stage1_student_strong_teacher_clean_same_image(monkeypatch) -> None:
+    model = ActionGlobalDistillation(network=TINY4, global_embedding_dim=16, bank_size=8)
+    logs = identity_setup(model, monkeypatch)
+    monkeypatch.setattr(model, "strong_view", strong_by_offset)
+    x = images(3, 0)
+    # The teacher embeddings of these very images among the anchors (as after a step on them): with
+    # tau_t = 0.01 each image's target then peaks on its own anchor, so a permutation shows.
+    with torch.no_grad():
+        own = model.ema_teacher.heads[HEAD_GLOBAL_PROJECTION](model.ema_teacher.unet.encoder(x)[-1])
+    anchors = fill_bank(model.global_bank, 0, own)
+    loss = model.training_step({"unlabeled": {"image": x}}, 0)
+    heads = model.student.heads
+    with torch.no_grad():
+        s = heads[HEAD_GLOBAL_PREDICTOR](heads[HEAD_GLOBAL_PROJECTION](model.student.unet.encoder(x + 0.25)[-1]))
+        t = model.ema_teacher.heads[HEAD_GLOBAL_PROJECTION](model.ema_teacher.unet.encoder(x)[-1])
+    expected = distillation_kl_by_hand(s, t, anchors, 0.1, 0.01)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(model.global_bank.get()[-3:], F.normalize(t, dim=1))  # the teacher's, enqueued after
+    assert abs(value(distillation_kl_by_hand(s, t.roll(1, 0), anchors, 0.1, 0.01) - expected)) > VISIBLE
+
+
+def test_action_stage2_local_distillation_pairs_pixels_of_the_same_image(monkeypatch) -> None:
+    model = ActionLocalDistillation(network=TINY4, global_embedding_dim=16, bank_size=8, local_embedding_dim=8,
+                                    local_num_pixels=None)
+    logs = identity_setup(model, monkeypatch)
+    monkeypatch.setattr(model, "strong_view", strong_by_offset)
+    anchors = fill_bank(model.local_bank, 1)
+    batch = dense_batch()
+    loss = model.training_step(batch, 0)
+    x_l, x_u = batch["labeled"]["image"], batch["unlabeled"]["image"]
+    heads = model.student.heads
+    with torch.no_grad():
+        s = heads[HEAD_LOCAL_PREDICTOR](heads[HEAD_LOCAL_PROJECTION](model.student(x_u + 0.25).decoder_features[-1]))
+        t = model.ema_teacher.heads[HEAD_LOCAL_PROJECTION](model.ema_teacher(x_u).decoder_features[-1])
+        supervised = ce_dice_loss(model.student(x_l).logits, batch["labeled"]["target"])
+    pixels = lambda m: m.permute(0, 2, 3, 1).reshape(-1, m.shape[1])  # noqa: E731
+    local = distillation_kl_by_hand(pixels(s), pixels(t), anchors, 0.1, 0.01)
+    torch.testing.assert_close(logs["train/L_local"].detach(), local, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.detach(), supervised + local, rtol=1e-5, atol=1e-7)
+    shuffled = distillation_kl_by_hand(pixels(s), pixels(t.roll(1, 0)), anchors, 0.1, 0.01)
+    assert abs(value(shuffled - local)) > VISIBLE
+
+
+def test_action_stage3_pseudo_labels_come_from_the_teacher_on_the_same_clean_images(monkeypatch) -> None:
+    model = ActionAnatomicalContrast(network=TINY4, anco_weight=0.0, unsup_weighting="threshold",
+                                     unsup_confidence_threshold=0.0, representation_dim=8)
+    logs = identity_setup(model, monkeypatch)
+    monkeypatch.setattr(model, "strong_view", lambda image, label, confidence: (image + 0.25, label, confidence))
+    batch = dense_batch()
+    loss = model.training_step(batch, 0)
+    x_l, x_u = batch["labeled"]["image"], batch["unlabeled"]["image"]
+    with torch.no_grad():
+        pseudo = model.ema_teacher(x_u).logits.argmax(dim=1)
+        student_u = model.student(x_u + 0.25).logits
+        supervised = ce_dice_loss(model.student(x_l).logits, batch["labeled"]["target"])
+    unsup = F.cross_entropy(student_u, pseudo)
+    torch.testing.assert_close(logs["train/L_unsup"].detach(), unsup, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.detach(), supervised + unsup, rtol=1e-5, atol=1e-7)
+    assert abs(value(F.cross_entropy(student_u, pseudo.roll(1, 0)) - unsup)) > VISIBLE
+
+
+def test_action_stage3_cutmix_mixes_pseudo_labels_like_the_images(monkeypatch) -> None:
+    """Image ``b`` is the constant ``b + 1``, its pseudo-label ``b`` and confidence ``b / 10``: after
+    the strong view, every pixel's label and confidence must name the image its value came from."""
+    model = ActionAnatomicalContrast(network=TINY4, representation_dim=8)
+    monkeypatch.setattr(model, "perturbation", lambda x: x)
+    n = 4
+    image = (torch.arange(n, dtype=torch.float32) + 1)[:, None, None, None].expand(n, 1, 16, 16).clone()
+    label = torch.arange(n)[:, None, None].expand(n, 16, 16).clone()
+    confidence = label.float() / 10
+    mixed_somewhere = False
+    for seed in range(5):
+        torch.manual_seed(seed)
+        view, mixed_label, mixed_confidence = model.strong_view(image, label, confidence)
+        source = view[:, 0].round().long() - 1
+        assert torch.equal(mixed_label, source)
+        torch.testing.assert_close(mixed_confidence, source.float() / 10)
+        mixed_somewhere |= bool((source != label).any())
+    assert mixed_somewhere
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
+def test_action_teacher_gets_no_gradient(monkeypatch, stage) -> None:
+    kwargs = dict(network=TINY4, global_embedding_dim=16, bank_size=8)
+    model = {
+        "stage1": lambda: ActionGlobalDistillation(**kwargs),
+        "stage2": lambda: ActionLocalDistillation(**kwargs, local_embedding_dim=8, global_weight=1.0),
+        "stage3": lambda: ActionAnatomicalContrast(network=TINY4, representation_dim=8, anco_num_queries=16,
+                                                   anco_num_negatives=16, anco_confidence_threshold=0.0),
+    }[stage]()
+    capture_logs(model, monkeypatch)
+    if stage != "stage3":
+        fill_bank(model.global_bank, 2)
+    model.ema_teacher.requires_grad_(True)
+    model.train()
+    batch = dense_batch() if stage != "stage1" else {"unlabeled": {"image": images(3, 0)}}
+    assert_teacher_gets_no_gradient(model, model.training_step(batch, 0))
+
+
+# --------------------------------------------------------------------------- instance Mean Teacher, MMT-PSM
+
+
+@pytest.fixture(scope="module")
+def unlabeled_cells() -> list[torch.Tensor]:
+    return [torch.from_numpy(s.image)[None] for s in make_cytology_phantom(2, seed=3, size=64)]
+
+
+def instance_identity(model, monkeypatch) -> dict:
+    """The identity teacher for Mask R-CNN: eval mode and perturbed views equal to the clean one."""
+    monkeypatch.setattr(model, "perturbation", lambda x: x)
+    return identity_setup(model, monkeypatch)
+
+
+def spy(monkeypatch, module, name: str, calls: list) -> None:
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: (calls.append(args), real(*args, **kwargs))[1])
+
+
+def test_instance_mean_teacher_pairs_each_roi_with_itself(monkeypatch, unlabeled_cells) -> None:
+    model = InstanceMeanTeacher(detector=TINY_DETECTOR, warmup_steps=0, pseudo_label_score=0.0, erase_prob=0.0)
+    instance_identity(model, monkeypatch)
+    calls: list = []
+    spy(monkeypatch, instance_mean_teacher, "roi_class_logits", calls)
+    term, logs = model.unlabeled_loss(unlabeled_cells)
+    assert value(term) < ZERO and value(logs["train/consistency"]) < ZERO
+    assert calls[0][0] is model.ema_teacher and calls[1][0] is model.student
+    with torch.no_grad():
+        student = instance_base.roi_class_logits(*calls[1])
+    assert student.shape[0] >= 2
+    assert value(softmax_mse(student, student.roll(1, 0))) > VISIBLE
+
+
+def test_mmt_psm_pairs_each_roi_with_itself(monkeypatch, unlabeled_cells) -> None:
+    """One unflipped teacher view: its RoI logits and MGD features are the student's exactly."""
+    model = MMTPSM(detector=TINY_DETECTOR, warmup_steps=0, pseudo_label_score=0.0, erase_prob=0.0, num_views=1,
+                   adaptor_channels=8)
+    instance_identity(model, monkeypatch)
+    calls: list = []
+    spy(monkeypatch, mmt_psm, "psm_distillation_loss", calls)
+    _, logs = model.unlabeled_loss(unlabeled_cells)
+    student, stacked = calls[0][0], calls[0][1]
+    assert stacked.shape[0] == 1 and student.shape[0] >= 2
+    torch.testing.assert_close(stacked[0], student.detach())
+    assert value(logs["train/mgd"]) < ZERO
+    p = torch.softmax(student.detach(), -1)
+    assert value(((p - p.roll(1, 0)) ** 2).sum()) > VISIBLE
+
+
+class FlipEquivariant(torch.nn.Module):
+    """``E(x) = (B(x) + flip(B(flip(x)))) / 2``: ``E(flip(x)) = flip(E(x))`` exactly, per FPN level."""
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = backbone
+        self.out_channels = backbone.out_channels
+
+    def forward(self, x: torch.Tensor) -> dict:
+        plain, mirrored = self.inner(x), self.inner(x.flip(-1))
+        return {name: (plain[name] + mirrored[name].flip(-1)) / 2 for name in plain}
+
+
+def test_mmt_psm_flipped_view_is_flipped_back_and_mirrored(monkeypatch, unlabeled_cells) -> None:
+    """With a flip-equivariant teacher backbone, the flipped view's features flipped back are the
+    clean view's, so view 1's logits must be the box head on the clean RoI features mirrored and view
+    0's on the plain ones; not flipping back, or mirroring the wrong view, breaks either equality."""
+    model = MMTPSM(detector=TINY_DETECTOR, warmup_steps=0, pseudo_label_score=0.0, erase_prob=0.0, num_views=2,
+                   adaptor_channels=8)
+    instance_identity(model, monkeypatch)
+    teacher = model.ema_teacher
+    monkeypatch.setattr(teacher, "backbone", FlipEquivariant(teacher.backbone))
+    targets_seen: list = []
+    real_targets = model.teacher_targets
+    monkeypatch.setattr(model, "teacher_targets", lambda images: targets_seen.append(real_targets(images)) or targets_seen[-1])
+    calls: list = []
+    spy(monkeypatch, mmt_psm, "psm_distillation_loss", calls)
+    model.unlabeled_loss(unlabeled_cells)
+    stacked, targets = calls[0][1], targets_seen[0]
+    with torch.no_grad():
+        features = teacher.backbone(instance_base.preprocess(teacher, unlabeled_cells)[0].tensors)
+        plain = instance_base.roi_class_logits(teacher, features, targets.rois, targets.image_sizes)
+        mirrored = instance_base.roi_class_logits(teacher, features, targets.rois, targets.image_sizes, mirror=True)
+    torch.testing.assert_close(stacked[0], plain)
+    torch.testing.assert_close(stacked[1], mirrored)
+    assert value((plain - mirrored).abs().max()) > VISIBLE
+
+
+@pytest.mark.parametrize("method", ["mmt_psm", "instance_mean_teacher"])
+def test_instance_teacher_gets_no_gradient(monkeypatch, unlabeled_cells, method) -> None:
+    kwargs = dict(detector=TINY_DETECTOR, warmup_steps=0, pseudo_label_score=0.0)
+    model = MMTPSM(**kwargs, num_views=2, adaptor_channels=8) if method == "mmt_psm" else InstanceMeanTeacher(**kwargs)
+    model.ema_teacher.requires_grad_(True)
+    model.train()
+    term, _ = model.unlabeled_loss(unlabeled_cells)
+    assert_teacher_gets_no_gradient(model, term)
+
+
+# --------------------------------------------------------------------------- DMPLS (the auxiliary branch as the second opinion)
+
+
+def test_dmpls_mixes_the_two_branches_of_the_same_images(monkeypatch) -> None:
+    """With the auxiliary decoder made a copy of the main one (and dropout off), both branches agree,
+    so the mixed pseudo-label is the main branch's argmax whatever ``beta``; mixing branch outputs of
+    different images changes it."""
+    torch.manual_seed(0)
+    model = DMPLS(network=TINY4)
+    aux = model.student.heads["aux_decoder"]
+    aux.decoder.load_state_dict(model.student.unet.decoder.state_dict())
+    aux.head.load_state_dict(model.student.unet.segmentation_head.state_dict())
+    model.eval()
+    logs = capture_logs(model, monkeypatch)
+    batch = scribble_batch()
+    loss = model.training_step(batch, 0)
+    with torch.no_grad():
+        main = model.student(batch["labeled"]["image"]).logits
+    probs = torch.softmax(main, dim=1)
+    pls = soft_dice_loss(probs, probs.argmax(dim=1), squared_pred=True)
+    torch.testing.assert_close(logs["train/pseudo_label"].detach(), pls)
+    pce = F.cross_entropy(main, batch["labeled"]["target"], ignore_index=4)
+    torch.testing.assert_close(loss.detach(), pce + 0.5 * pls)
+    mixed = (0.5 * probs + 0.5 * probs.roll(1, 0)).argmax(dim=1)
+    assert abs(value(soft_dice_loss(probs, mixed, squared_pred=True) - pls)) > VISIBLE
