@@ -510,3 +510,57 @@ def test_dmpls_mixes_the_two_branches_of_the_same_images(monkeypatch) -> None:
     torch.testing.assert_close(loss.detach(), pce + 0.5 * pls)
     mixed = (0.5 * probs + 0.5 * probs.roll(1, 0)).argmax(dim=1)
     assert abs(value(soft_dice_loss(probs, mixed, squared_pred=True) - pls)) > VISIBLE
+
+
+# --------------------------------------------------------------------------- loss composition (survivors of the mutation run)
+
+
+def perturb_teacher(model, seed: int = 0) -> None:
+    """Moves the teacher off the student, so the consistency term is clearly nonzero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.ema_teacher.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("method", ["mean_teacher", "ustm"])
+def test_consistency_enters_the_loss_with_its_ramped_weight(monkeypatch, method) -> None:
+    """``L = L_sup + w(0) * L_cons`` with ``w(0) = 0.1 * exp(-5)`` (sigmoid ramp over 100 steps)."""
+    if method == "mean_teacher":
+        model, batch = MeanTeacher(network=TINY4, noise_std=0.0, consistency_rampup_steps=100), dense_batch()
+        supervised_key = "train/supervised"
+    else:
+        model = USTM(network=TINY4, mc_passes=2, noise_std=0.0, consistency_rampup_steps=100, max_entropy=10.0)
+        batch, supervised_key = scribble_batch(), "train/pce"
+    logs = identity_setup(model, monkeypatch)
+    perturb_teacher(model)
+    loss = model.training_step(batch, 0)
+    weight = 0.1 * math.exp(-5.0)
+    assert value(logs["train/consistency_weight"]) == pytest.approx(weight)
+    assert value(logs["train/consistency"]) > VISIBLE
+    torch.testing.assert_close(loss.detach(), (logs[supervised_key] + weight * logs["train/consistency"]).detach())
+
+
+def test_ustm_certain_pixels_follow_the_ramped_threshold_and_the_noise_is_clipped(monkeypatch) -> None:
+    """Without a ramp the threshold is ``max_entropy``, set here to the median teacher entropy (the
+    untrained network's entropies lie within a few thousandths of ln 4, so a ramp's 0.75 factor would
+    admit all or none): the logged fraction must be the hand-counted one, about half."""
+    model = USTM(network=TINY4, mc_passes=2, noise_std=0.0, threshold_rampup_steps=0)
+    logs = identity_setup(model, monkeypatch)
+    monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: torch.tensor(0))
+    image = scribble_batch()["labeled"]["image"]
+    with torch.no_grad():
+        p = torch.softmax(model.ema_teacher(image).logits, dim=1)
+    entropy = -(p * torch.log(p + 1e-6)).sum(dim=1)
+    model.max_entropy = float(entropy.median())
+    model.training_step(scribble_batch(), 0)
+    expected = (entropy < model.max_entropy).float().mean()
+    assert 0.2 < value(expected) < 0.8
+    assert value(logs["train/certain_fraction"]) == pytest.approx(value(expected))
+    seen = []
+    model.noise_std, model.noise_clip = 10.0, 0.05
+    real = model.teacher_forward
+    monkeypatch.setattr(model, "teacher_forward", lambda x: (seen.append(x), real(x))[1])
+    model.training_step(scribble_batch(), 0)
+    deviation = (seen[0] - image.repeat(3, 1, 1, 1)).abs()
+    assert value(deviation.max()) == pytest.approx(0.05) and value(deviation.min()) > 0
