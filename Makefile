@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG ?= experiments/phantom/mean_teacher.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install fit test test-slow bench gpu-check action-chain reproduce-table clean-venv
+.PHONY: install fit test test-slow mutation bench gpu-check action-chain reproduce-table clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q $(PYTEST_ARGS)
+
+# Mutation testing of the losses and the methods' training steps ([tool.mutmut] in pyproject.toml;
+# not part of `make test`). mutmut works in mutants/; MUTMUT_ARGS narrows it, e.g.
+#   make mutation MUTMUT_ARGS='kdseg.losses.*'      or      MUTMUT_ARGS='kdseg.methods.ustm.*'
+MUTMUT_ARGS ?=
+MUTMUT_CHILDREN ?= 2
+mutation: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[mutation]'
+	$(VENV)/bin/mutmut run --max-children $(MUTMUT_CHILDREN) $(MUTMUT_ARGS); \
+	status=$$?; $(VENV)/bin/mutmut results; exit $$status
 
 # Training-step time and peak memory of every method relative to `supervised` (CPU, and GPU if present).
 bench: $(STAMP)

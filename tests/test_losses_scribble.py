@@ -365,3 +365,15 @@ def test_dmpls_loss():
         soft_dice_loss(torch.softmax(a, 1), pl_a) + soft_dice_loss(torch.softmax(b, 1), pl_a)
     )
     assert fixed.item() == pytest.approx(manual.item(), rel=1e-6)
+
+
+def test_error_messages_name_the_loss_and_the_bad_values() -> None:
+    """The errors name the loss and the offending shapes / values."""
+    x = torch.zeros(1, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"^feature_kd_loss: got 1 student levels but 2 teacher levels$"):
+        feature_kd_loss([x], [x, x], [1.0])
+    a, b = torch.zeros(1, 2, 1, 2), torch.zeros(1, 3, 1, 2)
+    with pytest.raises(ValueError, match=r"^beta must be in \[0, 1\], got 1.5$"):
+        dynamically_mixed_pseudo_label(a, a, 1.5)
+    with pytest.raises(ValueError, match=r"same shape, got \(1, 2, 1, 2\) and \(1, 3, 1, 2\)$"):
+        dynamically_mixed_pseudo_label(a, b, 0.5)
