@@ -149,6 +149,8 @@ def _digest(tensors: list[torch.Tensor]) -> str | None:
 def _first_batch(data: Any) -> dict[str, Any]:
     """The first batch of each training stream, the global seed reset to 0 before each stream is
     iterated (see the module docstring), combined as the training loop's ``CombinedLoader`` does."""
+    # StatefulDataLoader's shuffling sampler draws its seed when it is built, not when iterated.
+    torch.manual_seed(0)
     loaders = data.train_dataloader()
     iterables = getattr(loaders, "iterables", loaders)
     batch = {}

@@ -151,9 +151,7 @@ def test_method_evaluation_uses_the_convention(monkeypatch, convention):
     spacing = (10.0, 1.5, 1.5)
     batch = {"image": torch.zeros(1), "input_size": 24, "label": torch.from_numpy(gt),
              "spacing": torch.tensor(spacing, dtype=torch.float64), "case_id": "case0"}
-    # An evaluation choice: not in the checkpoint's hyper-parameters, which LightningCLI re-applies
-    # over the arguments of `kdseg test --ckpt_path`.
-    assert "distance_convention" not in method.hparams
+    assert method.hparams["distance_convention"] == convention
     row = method._evaluate_volume(batch, surface=True)
     assert row["spacing"] == (None if convention == "medpy" else spacing)
     for c in (1, 2, 3):

@@ -110,9 +110,9 @@ class SegmentationMethod(pl.LightningModule):
         init_weights_from: str | None = None,
     ) -> None:
         super().__init__()
-        # An evaluation choice, not part of the trained model: kept out of the checkpoint's
-        # hyper-parameters, which LightningCLI would otherwise re-apply over `kdseg test` arguments.
-        self.save_hyperparameters(ignore=["distance_convention"])
+        # distance_convention is saved like every argument: a value given to `kdseg test --ckpt_path`
+        # still wins over the checkpoint's (kdseg.cli.KdsegCLI._parse_ckpt_path).
+        self.save_hyperparameters()
         self.distance_convention = check_convention(distance_convention)
         self.network_config = network
         self.num_classes = num_classes
