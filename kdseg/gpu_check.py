@@ -276,18 +276,18 @@ def data_overrides(kind: str, smoke: bool, work: Path) -> tuple[list[str], str]:
         setting = "cervical" if kind == "isbi2014" else "acdc_semi_3"
         prepared = prepare_data(kind, profile["data"][kind], work, "profiles/smoke.yaml")
         size = list(profile["settings"][setting]["overrides"])
-        return [*prepared.overrides, *prepared.split_overrides(), *size], prepared.description
+        return [*prepared.overrides, *size], prepared.description
     spec = _resolve(_profile("paper")["data"][kind])
     try:
         prepared = prepare_data(kind, spec, work, "profiles/paper.yaml")
-        return [*prepared.overrides, *prepared.split_overrides()], prepared.description
+        return [*prepared.overrides], prepared.description
     except DataUnavailable as error:
         reason = str(error).split(": ", 1)[-1]
     if kind == "acdc":
         phantom = {"phantom": {"train_patients": 12, "test_patients": 2, "slices": 4, "size": [256, 256]},
                    "val_patients": 2}
         prepared = prepare_data(kind, phantom, work, "gpu_check")
-        return [*prepared.overrides, *prepared.split_overrides()], f"{prepared.description} ({reason})"
+        return [*prepared.overrides], f"{prepared.description} ({reason})"
     prepared = prepare_data(kind, {"phantom": True}, work, "gpu_check")
     return ([*prepared.overrides, "--data.init_args.phantom_size=512"],
             f"{prepared.description} at 512 px ({reason})")

@@ -13,6 +13,7 @@ import yaml
 from kdseg.losses.entropy import entropy_map
 from kdseg.losses.segmentation import partial_cross_entropy
 from kdseg.methods import USTM, NetworkConfig, PartialCEEntropyMinimization
+from test_scribble_methods import scribble_batch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY4 = NetworkConfig(encoder_depth=4, decoder_channels=[32, 16, 8, 8])
@@ -21,15 +22,6 @@ TINY4 = NetworkConfig(encoder_depth=4, decoder_channels=[32, 16, 8, 8])
 def _init_args(config: str) -> dict:
     return yaml.safe_load((REPO / config).read_text())["model"]["init_args"]
 
-
-def _scribble_batch() -> dict:
-    g = torch.Generator().manual_seed(0)
-    scribble = torch.full((2, 32, 32), 4, dtype=torch.long)
-    scribble[:, 4, 2:30] = 0
-    scribble[:, 12:20, 16] = 1
-    scribble[:, 22, 8:20] = 2
-    scribble[1, 26, 4:12] = 3
-    return {"labeled": {"image": torch.rand(2, 1, 32, 32, generator=g), "target": scribble}}
 
 
 def test_ustm_consistency_ramps_to_one() -> None:
@@ -45,7 +37,7 @@ def test_pce_em_divides_the_entropy_by_ln_c() -> None:
     torch.manual_seed(0)
     model = PartialCEEntropyMinimization(network=TINY4)
     model.train()
-    batch = _scribble_batch()
+    batch = scribble_batch()
     loss = model.training_step(batch, 0)
     logits = model.student(batch["labeled"]["image"]).logits
     pce = partial_cross_entropy(logits, batch["labeled"]["target"], 4)

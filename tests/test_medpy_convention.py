@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from medpy.metric import binary
-from scipy import ndimage
 
 from kdseg.metrics import ClassMetrics, volume_metrics
 from kdseg.metrics.distances import check_convention, surface_distances
+from test_segmentation_metrics import _random_labels
 
 
 def _square_in_square() -> tuple[np.ndarray, np.ndarray]:
@@ -60,13 +60,6 @@ def test_3d_anisotropic_cubes_by_hand(s_z):
     assert m.asd == pytest.approx((16 * s_z + 4) / 56)
 
 
-def _blobs(rng: np.random.Generator, shape: tuple[int, ...], num_classes: int) -> np.ndarray:
-    noise = rng.standard_normal((num_classes - 1, *shape))
-    smooth = np.stack([ndimage.gaussian_filter(n, sigma=2.0) for n in noise])
-    labels = smooth.argmax(0) + 1
-    labels[smooth.max(0) < np.quantile(smooth.max(0), 0.4)] = 0
-    return labels.astype(np.int64)
-
 
 @pytest.fixture()
 def saved_predictions(tmp_path: Path) -> list[Path]:
@@ -79,9 +72,9 @@ def saved_predictions(tmp_path: Path) -> list[Path]:
         ("anisotropic", (6, 32, 32), (10.0, 1.5, 1.25)),
         ("image2d", (48, 40), None),
     ):
-        gt = _blobs(rng, shape, 4)
+        gt = _random_labels(rng, shape, 4)
         pred = np.roll(gt, shift=(1,) * (len(shape) - 1), axis=tuple(range(1, len(shape))))
-        pred = np.where(rng.random(shape) < 0.03, _blobs(rng, shape, 4), pred)
+        pred = np.where(rng.random(shape) < 0.03, _random_labels(rng, shape, 4), pred)
         pred[tuple(slice(0, 3) for _ in shape)] = 3  # a stray spurious-looking patch of class 3
         path = tmp_path / f"{name}.npz"
         np.savez(path, prediction=pred, label=gt, spacing=np.array(spacing if spacing else [np.nan]))
@@ -143,7 +136,7 @@ def test_method_evaluation_uses_the_convention(monkeypatch, convention):
     from kdseg.methods.supervised import Supervised
 
     rng = np.random.default_rng(3)
-    gt = _blobs(rng, (5, 24, 24), 4)
+    gt = _random_labels(rng, (5, 24, 24), 4)
     pred = np.roll(gt, 1, axis=1)
     monkeypatch.setattr(base, "predict_volume", lambda *args: torch.from_numpy(pred))
     method = Supervised(network=NetworkConfig(encoder_depth=3, decoder_channels=[16, 8, 8]),

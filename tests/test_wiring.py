@@ -136,8 +136,9 @@ def test_mean_teacher_teacher_gets_no_gradient(monkeypatch) -> None:
 
 
 def test_ua_mt_pairs_images_and_keeps_certain_pixels(monkeypatch) -> None:
+    # teacher_dropout off: the teacher is then the student's exact copy (dropout: test_fidelity.py).
     model = UncertaintyAwareMeanTeacher(network=TINY4, noise_std=0.0, consistency_rampup_steps=0,
-                                        mc_samples=2, max_entropy=10.0)
+                                        mc_samples=2, max_entropy=10.0, teacher_dropout=False)
     logs = identity_setup(model, monkeypatch)
     model.training_step(dense_batch(), 0)
     assert value(logs["train/certain_fraction"]) == 1.0  # every pixel is below 0.75 * 10 nats
@@ -155,7 +156,8 @@ def test_ustm_rotates_the_student_output_like_the_teacher_input(monkeypatch, k) 
     """An oracle teacher that is exactly rotation-equivariant, ``T(x) = rot_k(S(rot_-k(x)))``:
     the student's output rotated by ``k`` must then match the teacher's output on the image
     rotated by ``k`` exactly (rotating by ``-k``, or not at all, does not for k = 1, 3)."""
-    model = USTM(network=TINY4, mc_passes=2, noise_std=0.0, consistency_rampup_steps=0, max_entropy=10.0)
+    model = USTM(network=TINY4, mc_passes=2, noise_std=0.0, consistency_rampup_steps=0, max_entropy=10.0,
+                 teacher_dropout=False)
     logs = identity_setup(model, monkeypatch)
     monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: torch.tensor(k))
     seen = []
@@ -537,17 +539,19 @@ def perturb_teacher(model, seed: int = 0) -> None:
 
 @pytest.mark.parametrize("method", ["mean_teacher", "ustm"])
 def test_consistency_enters_the_loss_with_its_ramped_weight(monkeypatch, method) -> None:
-    """``L = L_sup + w(0) * L_cons`` with ``w(0) = 0.1 * exp(-5)`` (sigmoid ramp over 100 steps)."""
+    """``L = L_sup + w(0) * L_cons`` with ``w(0) = w_max * exp(-5)`` (sigmoid ramp over 100 steps;
+    w_max 0.1 for Mean Teacher as SSL4MIS, 1.0 for USTM as WSL4MIS)."""
     if method == "mean_teacher":
         model, batch = MeanTeacher(network=TINY4, noise_std=0.0, consistency_rampup_steps=100), dense_batch()
         supervised_key = "train/supervised"
     else:
-        model = USTM(network=TINY4, mc_passes=2, noise_std=0.0, consistency_rampup_steps=100, max_entropy=10.0)
+        model = USTM(network=TINY4, mc_passes=2, noise_std=0.0, consistency_rampup_steps=100, max_entropy=10.0,
+                     teacher_dropout=False)
         batch, supervised_key = scribble_batch(), "train/pce"
     logs = identity_setup(model, monkeypatch)
     perturb_teacher(model)
     loss = model.training_step(batch, 0)
-    weight = 0.1 * math.exp(-5.0)
+    weight = {"mean_teacher": 0.1, "ustm": 1.0}[method] * math.exp(-5.0)
     assert value(logs["train/consistency_weight"]) == pytest.approx(weight)
     assert value(logs["train/consistency"]) > VISIBLE
     torch.testing.assert_close(loss.detach(), (logs[supervised_key] + weight * logs["train/consistency"]).detach())
@@ -557,7 +561,7 @@ def test_ustm_certain_pixels_follow_the_ramped_threshold_and_the_noise_is_clippe
     """Without a ramp the threshold is ``max_entropy``, set here to the median teacher entropy (the
     untrained network's entropies lie within a few thousandths of ln 4, so a ramp's 0.75 factor would
     admit all or none): the logged fraction must be the hand-counted one, about half."""
-    model = USTM(network=TINY4, mc_passes=2, noise_std=0.0, threshold_rampup_steps=0)
+    model = USTM(network=TINY4, mc_passes=2, noise_std=0.0, threshold_rampup_steps=0, teacher_dropout=False)
     logs = identity_setup(model, monkeypatch)
     monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: torch.tensor(0))
     image = scribble_batch()["labeled"]["image"]
