@@ -207,9 +207,10 @@ def _acdc_panels(setting: Setting, methods: list[tuple[str, RunResult]], cache_d
     cache_dir.mkdir(parents=True, exist_ok=True)
     split_file.write_text(f"{patient}\n")
     config, _ = _run_config(first)
-    dm = _datamodule(config, test_split=str(split_file))
-    dm.setup("test")
-    cases = dm.test_volumes[:2]
+    # The figure's cases as the predict split: a test_split here would change the data module's protocol.
+    dm = _datamodule(config, predict_split=str(split_file))
+    dm.setup("predict")
+    cases = dm.predict_volumes[:2]
     columns = ["image", "ground truth"] + [label for label, _ in methods]
     rows: list[list[Any]] = []
     predictions = _predict_all(setting, methods, cache_dir, [f"--data.init_args.predict_split={split_file}"], warn)
