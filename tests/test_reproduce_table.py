@@ -436,3 +436,32 @@ def test_runner_passes_the_holdout_and_captions_the_protocol(tmp_path: Path) -> 
     ssl4mis = prepare_data("acdc", spec, tmp_path, "p.yaml")
     assert ssl4mis.protocol == "ssl4mis" and "ACDC protocol ssl4mis" in ssl4mis.description
     assert "validation for checkpoint selection 1 patients (val.txt), test 2 patients (test.txt)" in ssl4mis.description
+
+
+def test_a_fit_that_exits_143_is_interrupted_not_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """kdseg's CLI exits 143 / 130 after saving the step a signal stopped it at: the runner
+    reports the run as interrupted (resumed next call), not FAILED, and writes no failure record."""
+    import signal as signals
+
+    from kdseg.reproduce import execute, main
+
+    monkeypatch.setattr(execute, "install_signal_handlers", lambda executor: None)
+    calls = []
+
+    def stopped_fit(self, subcommand, args, folder):  # type: ignore[no-untyped-def]
+        calls.append(subcommand)
+        logs = folder / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / "fit-1.err").write_text("kdseg: SIGTERM at step 3: state saved\n")
+        return 128 + signals.SIGTERM, logs / "fit-1.log", logs / "fit-1.err"
+
+    monkeypatch.setattr(execute.Executor, "_call", stopped_fit)
+    rc = main.run(["--profile", "smoke", "--only", "acdc_scribble/pce", "--out", str(tmp_path / "runs"),
+                   "--results", str(tmp_path / "results")])
+    log = capsys.readouterr().out
+    assert calls == ["fit"]
+    assert "pce seed 0 interrupted after" in log and "(fit exited 143)" in log, log
+    assert "pce seed 0 FAILED" not in log and "0 FAILED, 1 not run" in log, log
+    assert rc == 0
+    assert not list((tmp_path / "runs").glob("**/last_failure.json"))
