@@ -403,6 +403,7 @@ def test_action_stage1_student_strong_teacher_clean_same_image(monkeypatch) -> N
         t = model.ema_teacher.heads[HEAD_GLOBAL_PROJECTION](model.ema_teacher.unet.encoder(x)[-1])
     expected = distillation_kl_by_hand(s, t, anchors, 0.1, 0.01)
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-7)
+    assert logs["train/bank_filled"] == float(len(model.global_bank)) == 8.0
     torch.testing.assert_close(model.global_bank.get()[-3:], F.normalize(t, dim=1))  # the teacher's, enqueued after
     assert abs(value(distillation_kl_by_hand(s, t.roll(1, 0), anchors, 0.1, 0.01) - expected)) > VISIBLE
 
@@ -435,6 +436,24 @@ def test_action_stage2_local_distillation_pairs_pixels_of_the_same_image(monkeyp
     assert abs(value(shuffled - local)) > 1e-3 * value(local)  # well above the tolerance of the checks above
 
 
+@pytest.mark.parametrize("global_weight", [0.0, 1.0])
+def test_action_stage2_global_term_enters_with_its_weight(monkeypatch, global_weight) -> None:
+    """``L = L_sup + L_local + w_g L_global``; at ``w_g = 0`` the global term is neither computed nor logged."""
+    model = ActionLocalDistillation(network=TINY4, global_embedding_dim=16, bank_size=8, local_embedding_dim=8,
+                                    local_num_pixels=None, global_weight=global_weight)
+    logs = identity_setup(model, monkeypatch)
+    monkeypatch.setattr(model, "strong_view", strong_by_offset)
+    fill_bank(model.global_bank, 2)  # an empty bank gives L_global = 0
+    loss = model.training_step(dense_batch(), 0)
+    local_part = logs["train/L_sup"] + logs["train/L_local"]
+    if global_weight == 0:
+        assert "train/L_global" not in logs
+        torch.testing.assert_close(loss.detach(), local_part.detach())
+    else:
+        assert value(logs["train/L_global"]) > VISIBLE
+        torch.testing.assert_close(loss.detach(), (local_part + logs["train/L_global"]).detach())
+
+
 def test_action_stage3_pseudo_labels_come_from_the_teacher_on_the_same_clean_images(monkeypatch) -> None:
     model = ActionAnatomicalContrast(network=TINY4, anco_weight=0.0, unsup_weighting="threshold",
                                      unsup_confidence_threshold=0.0, representation_dim=8)
@@ -451,6 +470,25 @@ def test_action_stage3_pseudo_labels_come_from_the_teacher_on_the_same_clean_ima
     torch.testing.assert_close(logs["train/L_unsup"].detach(), unsup, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(loss.detach(), supervised + unsup, rtol=1e-5, atol=1e-7)
     assert abs(value(F.cross_entropy(student_u, pseudo.roll(1, 0)) - unsup)) > VISIBLE
+
+
+def test_action_stage3_total_loss_and_confident_fraction(monkeypatch) -> None:
+    """``L = L_sup + w_u L_unsup + w_a L_anco`` from the logged terms, and the logged confident
+    fraction is the hand-counted ``confidence >= threshold`` with the threshold at the median
+    teacher confidence (so ``>`` would drop the median pixel)."""
+    model = ActionAnatomicalContrast(network=TINY4, unsup_weight=0.7, anco_weight=0.5, representation_dim=8)
+    logs = identity_setup(model, monkeypatch)
+    monkeypatch.setattr(model, "strong_view", lambda image, label, confidence: (image + 0.25, label, confidence))
+    batch = dense_batch()
+    with torch.no_grad():
+        confidence = torch.softmax(model.ema_teacher(batch["unlabeled"]["image"]).logits, dim=1).max(dim=1).values
+    model.unsup_confidence_threshold = float(confidence.median())
+    loss = model.training_step(batch, 0)
+    expected_fraction = (confidence >= model.unsup_confidence_threshold).float().mean()
+    assert value(logs["train/confident_fraction"]) == pytest.approx(value(expected_fraction))
+    assert value(logs["train/L_anco"]) > VISIBLE and value(logs["train/L_unsup"]) > VISIBLE
+    expected = logs["train/L_sup"] + 0.7 * logs["train/L_unsup"] + 0.5 * logs["train/L_anco"]
+    torch.testing.assert_close(loss.detach(), expected.detach())
 
 
 def test_action_stage3_cutmix_mixes_pseudo_labels_like_the_images(monkeypatch) -> None:
