@@ -315,11 +315,25 @@ def test_scribsd_plus_deep_supervision_pce_contrast_and_ramped_total_by_hand(mon
     expected = pce + ramp * (0.7 * logs["train/kd"].detach() + 0.3 * contrast)
     assert value(ramp * (0.7 * logs["train/kd"] + 0.3 * contrast)) > 1e-4
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-7)
+    assert logs["train/loss"] is loss
     with torch.no_grad():
         uncapped = prototype_infonce_loss(embeddings, scribble, 4, 4, temperature=0.05, max_pixels_per_class=None)
         default_temperature = prototype_infonce_loss(embeddings, scribble, 4, 4, max_pixels_per_class=None)
     # the untrained embeddings are nearly equal: a low temperature makes the cap and the temperature show
     assert abs(value(uncapped) - value(contrast)) > VISIBLE and abs(value(default_temperature) - value(uncapped)) > VISIBLE
+
+
+def test_scribsd_plus_feature_kd_enters_with_its_ramped_weight(monkeypatch) -> None:
+    """``L = L_pce + r (L_kd + w_f L_fkd)`` with the teacher moved off the student (``L_fkd > 0``)."""
+    model = ScribSDPlus(network=TINY4, rampup_steps=100, noise_on="none", contrast_weight=0.0, feature_kd_weight=0.5)
+    logs = identity_setup(model, monkeypatch)
+    perturb_teacher(model)
+    loss = model.training_step(scribble_batch(), 0)
+    ramp = math.exp(-5.0)
+    assert value(logs["train/feature_kd"]) > VISIBLE
+    ramped = ramp * (logs["train/kd"] + 0.5 * logs["train/feature_kd"])
+    assert value(ramped) > 1e-4
+    torch.testing.assert_close(loss.detach(), (logs["train/pce"] + ramped).detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_scribsd_plus_same_scale_target_and_contrast_map_come_from_the_same_images(monkeypatch) -> None:
