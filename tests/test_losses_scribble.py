@@ -377,3 +377,21 @@ def test_error_messages_name_the_loss_and_the_bad_values() -> None:
         dynamically_mixed_pseudo_label(a, a, 1.5)
     with pytest.raises(ValueError, match=r"same shape, got \(1, 2, 1, 2\) and \(1, 3, 1, 2\)$"):
         dynamically_mixed_pseudo_label(a, b, 0.5)
+
+
+def test_kd_kl_divergence_on_1d_spatial_logits_and_its_argument_checks() -> None:
+    """``(B, C, L)`` logits: the softmax is over the class axis (dim 1) for any number of spatial
+    axes (or none); ``T = 0``, 1-D logits and mismatched shapes are rejected with messages that say why."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    q = torch.softmax(t / 3.0, dim=1)
+    expected = 4.0 * (q * (q.log() - torch.log_softmax(s / 2.0, dim=1))).sum(dim=1).mean()
+    torch.testing.assert_close(kd_kl_divergence(s, t, 2.0, teacher_temperature=3.0), expected)
+    with pytest.raises(ValueError, match=r"^temperature must be > 0, got 0.0"):
+        kd_kl_divergence(s, t, 0.0, teacher_temperature=1.0)
+    flat = kd_kl_divergence(s[:, :, 0], t[:, :, 0], 2.0, teacher_temperature=3.0)  # (B, C): no spatial axis
+    torch.testing.assert_close(flat, 4.0 * (q * (q.log() - torch.log_softmax(s / 2.0, dim=1))).sum(dim=1)[:, 0].mean())
+    with pytest.raises(ValueError, match=r"logits must be \(B, C, \*spatial\), got \(3,\)"):
+        kd_kl_divergence(s[0, :, 0], t[0, :, 0])
+    with pytest.raises(ValueError, match=r"student and teacher logits must have the same shape, got \(2, 3, 5\) and \(2, 3, 4\)"):
+        kd_kl_divergence(s, t[..., :4])

@@ -13,6 +13,7 @@ such a mistake would be visible (the mismatched value is clearly nonzero), so no
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kdseg.data.cytology_phantom import make_cytology_phantom
+from kdseg.losses.contrastive import prototype_infonce_loss
 from kdseg.losses.dice import soft_dice_loss
 from kdseg.losses.segmentation import ce_dice_loss, softmax_mse
 from kdseg.methods import DMPLS, USTM, MeanTeacher, NetworkConfig, ScribSD, ScribSDPlus
@@ -148,6 +150,58 @@ def test_ua_mt_pairs_images_and_keeps_certain_pixels(monkeypatch) -> None:
     assert_teacher_gets_no_gradient(model, model.training_step(dense_batch(1), 0))
 
 
+def test_ua_mt_loss_threshold_and_mask_by_hand(monkeypatch) -> None:
+    """Teacher moved off the student, no threshold ramp and ``max_entropy`` at the median teacher
+    entropy (about half the pixels certain): the mask, the masked consistency, the ramped weight
+    ``0.1 exp(-5)`` and ``L = L_sup + w L_cons`` are checked by hand, and the teacher's input noise
+    is clipped at the configured ``noise_clip``."""
+    model = UncertaintyAwareMeanTeacher(network=TINY4, noise_std=0.0, consistency_rampup_steps=100, mc_samples=2,
+                                        uncertainty_rampup_steps=0, teacher_dropout=False)
+    logs = identity_setup(model, monkeypatch)
+    with torch.no_grad():  # a small move keeps the teacher's entropies spread (a large one saturates them)
+        for q in model.ema_teacher.parameters():
+            q.add_(0.02 * torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())))
+    batch = dense_batch()
+    unlabeled = batch["unlabeled"]["image"]
+    with torch.no_grad():
+        t = model.ema_teacher(unlabeled).logits
+        s = model.student(unlabeled).logits
+    p = torch.softmax(t, dim=1)
+    entropy = -(p * torch.log(p + 1e-6)).sum(dim=1, keepdim=True)
+    model.max_entropy = float(entropy.median())
+    loss = model.training_step(batch, 0)
+    mask = (entropy < model.max_entropy).float()
+    assert 0.2 < value(mask.mean()) < 0.8
+    assert value(logs["train/certain_fraction"]) == pytest.approx(value(mask.mean()))
+    assert value(logs["train/uncertainty_threshold"]) == pytest.approx(model.max_entropy)
+    consistency = (mask * (torch.softmax(s, 1) - p) ** 2).sum() / (2 * mask.sum())
+    assert value(consistency) > VISIBLE
+    torch.testing.assert_close(logs["train/consistency"].detach(), consistency, rtol=1e-4, atol=1e-7)
+    weight = 0.1 * math.exp(-5.0)
+    assert value(logs["train/consistency_weight"]) == pytest.approx(weight)
+    assert value(loss - logs["train/supervised"]) == pytest.approx(weight * value(consistency), rel=0.05)  # float32 loss ~ 1.4
+    seen = []
+    model.noise_std, model.noise_clip = 10.0, 0.05
+    real = model.teacher_forward
+    monkeypatch.setattr(model, "teacher_forward", lambda x: (seen.append(x), real(x))[1])
+    model.training_step(batch, 0)
+    deviation = (seen[0] - unlabeled.repeat(3, 1, 1, 1)).abs()
+    assert value(deviation.max()) == pytest.approx(0.05) and value(deviation.min()) > 0
+
+
+def test_ua_mt_defaults_and_argument_checks() -> None:
+    """SSL4MIS's UA-MT settings by default (8 passes, a 30000-step threshold ramp, teacher dropout);
+    ``max_entropy=None`` is ``ln C``; one pass is allowed, none is not."""
+    model = UncertaintyAwareMeanTeacher(network=TINY4)
+    assert (model.mc_samples, model.uncertainty_rampup_steps, model.teacher_dropout) == (8, 30000, True)
+    assert model.max_entropy == pytest.approx(math.log(2))
+    assert UncertaintyAwareMeanTeacher(network=TINY4, max_entropy=None).max_entropy == pytest.approx(math.log(4))
+    assert UncertaintyAwareMeanTeacher(network=TINY4, max_entropy=1.5).max_entropy == 1.5
+    assert UncertaintyAwareMeanTeacher(network=TINY4, mc_samples=1, teacher_dropout=False).teacher_dropout is False
+    with pytest.raises(ValueError, match="mc_samples must be >= 1, got 0"):
+        UncertaintyAwareMeanTeacher(network=TINY4, mc_samples=0)
+
+
 # --------------------------------------------------------------------------- USTM
 
 
@@ -233,6 +287,55 @@ def test_scribsd_plus_kd_equals_the_hand_computed_multiscale_kl(monkeypatch, tem
     assert abs(value(kd(teacher_probs.roll(1, 0))) - value(expected)) > VISIBLE  # a permutation would show
 
 
+def test_scribsd_plus_deep_supervision_pce_contrast_and_ramped_total_by_hand(monkeypatch) -> None:
+    """``L_pce = pCE(z_1) + w_ds * mean_s pCE(up(z_s))``, the prototype InfoNCE on the student's
+    projection with the configured temperature and pixel cap, and ``L = L_pce + r (w_kd L_kd +
+    w_c L_c)`` with the ramp ``r = exp(-5)`` at step 0; the logged pixel fraction is the scribble's
+    (the untrained teacher is never 0.9-confident)."""
+    model = ScribSDPlus(network=TINY4, kd_scales=[1, 2], rampup_steps=100, noise_on="none", ds_pce_weight=0.4,
+                        kd_weight=0.7, contrast_weight=0.3, contrast_temperature=0.05, max_pixels_per_class=8)
+    logs = identity_setup(model, monkeypatch)
+    batch = scribble_batch()
+    image, scribble = batch["labeled"]["image"], batch["labeled"]["target"]
+    torch.manual_seed(5)
+    loss = model.training_step(batch, 0)
+    with torch.no_grad():
+        z = student_scales(model, image, [1, 2])
+        embeddings = model.student.heads["projection"](model.student(image).decoder_features[-1])
+        up = F.interpolate(z[1], size=(32, 32), mode="bilinear", align_corners=False)
+        pce = F.cross_entropy(z[0], scribble, ignore_index=4) + 0.4 * F.cross_entropy(up, scribble, ignore_index=4)
+        torch.manual_seed(5)
+        contrast = prototype_infonce_loss(embeddings, scribble, 4, 4, temperature=0.05, max_pixels_per_class=8)
+    torch.testing.assert_close(logs["train/pce"].detach(), pce, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(logs["train/contrast"].detach(), contrast, rtol=1e-6, atol=1e-7)
+    assert value(logs["train/contrast_pixels"]) == pytest.approx(value((scribble != 4).float().mean()))
+    assert "train/feature_kd" not in logs
+    ramp = math.exp(-5.0)
+    assert value(logs["train/ramp"]) == pytest.approx(ramp)
+    expected = pce + ramp * (0.7 * logs["train/kd"].detach() + 0.3 * contrast)
+    assert value(ramp * (0.7 * logs["train/kd"] + 0.3 * contrast)) > 1e-4
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-7)
+    assert logs["train/loss"] is loss
+    with torch.no_grad():
+        uncapped = prototype_infonce_loss(embeddings, scribble, 4, 4, temperature=0.05, max_pixels_per_class=None)
+        default_temperature = prototype_infonce_loss(embeddings, scribble, 4, 4, max_pixels_per_class=None)
+    # the untrained embeddings are nearly equal: a low temperature makes the cap and the temperature show
+    assert abs(value(uncapped) - value(contrast)) > VISIBLE and abs(value(default_temperature) - value(uncapped)) > VISIBLE
+
+
+def test_scribsd_plus_feature_kd_enters_with_its_ramped_weight(monkeypatch) -> None:
+    """``L = L_pce + r (L_kd + w_f L_fkd)`` with the teacher moved off the student (``L_fkd > 0``)."""
+    model = ScribSDPlus(network=TINY4, rampup_steps=100, noise_on="none", contrast_weight=0.0, feature_kd_weight=0.5)
+    logs = identity_setup(model, monkeypatch)
+    perturb_teacher(model)
+    loss = model.training_step(scribble_batch(), 0)
+    ramp = math.exp(-5.0)
+    assert value(logs["train/feature_kd"]) > VISIBLE
+    ramped = ramp * (logs["train/kd"] + 0.5 * logs["train/feature_kd"])
+    assert value(ramped) > 1e-4
+    torch.testing.assert_close(loss.detach(), (logs["train/pce"] + ramped).detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_scribsd_plus_same_scale_target_and_contrast_map_come_from_the_same_images(monkeypatch) -> None:
     model = ScribSDPlus(network=TINY4, rampup_steps=0, noise_on="none", kd_target="same_scale",
                         confidence_threshold=0.0)
@@ -314,6 +417,7 @@ def test_action_stage1_student_strong_teacher_clean_same_image(monkeypatch) -> N
         t = model.ema_teacher.heads[HEAD_GLOBAL_PROJECTION](model.ema_teacher.unet.encoder(x)[-1])
     expected = distillation_kl_by_hand(s, t, anchors, 0.1, 0.01)
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-7)
+    assert logs["train/bank_filled"] == float(len(model.global_bank)) == 8.0
     torch.testing.assert_close(model.global_bank.get()[-3:], F.normalize(t, dim=1))  # the teacher's, enqueued after
     assert abs(value(distillation_kl_by_hand(s, t.roll(1, 0), anchors, 0.1, 0.01) - expected)) > VISIBLE
 
@@ -346,6 +450,24 @@ def test_action_stage2_local_distillation_pairs_pixels_of_the_same_image(monkeyp
     assert abs(value(shuffled - local)) > 1e-3 * value(local)  # well above the tolerance of the checks above
 
 
+@pytest.mark.parametrize("global_weight", [0.0, 1.0])
+def test_action_stage2_global_term_enters_with_its_weight(monkeypatch, global_weight) -> None:
+    """``L = L_sup + L_local + w_g L_global``; at ``w_g = 0`` the global term is neither computed nor logged."""
+    model = ActionLocalDistillation(network=TINY4, global_embedding_dim=16, bank_size=8, local_embedding_dim=8,
+                                    local_num_pixels=None, global_weight=global_weight)
+    logs = identity_setup(model, monkeypatch)
+    monkeypatch.setattr(model, "strong_view", strong_by_offset)
+    fill_bank(model.global_bank, 2)  # an empty bank gives L_global = 0
+    loss = model.training_step(dense_batch(), 0)
+    local_part = logs["train/L_sup"] + logs["train/L_local"]
+    if global_weight == 0:
+        assert "train/L_global" not in logs
+        torch.testing.assert_close(loss.detach(), local_part.detach())
+    else:
+        assert value(logs["train/L_global"]) > VISIBLE
+        torch.testing.assert_close(loss.detach(), (local_part + logs["train/L_global"]).detach())
+
+
 def test_action_stage3_pseudo_labels_come_from_the_teacher_on_the_same_clean_images(monkeypatch) -> None:
     model = ActionAnatomicalContrast(network=TINY4, anco_weight=0.0, unsup_weighting="threshold",
                                      unsup_confidence_threshold=0.0, representation_dim=8)
@@ -362,6 +484,25 @@ def test_action_stage3_pseudo_labels_come_from_the_teacher_on_the_same_clean_ima
     torch.testing.assert_close(logs["train/L_unsup"].detach(), unsup, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(loss.detach(), supervised + unsup, rtol=1e-5, atol=1e-7)
     assert abs(value(F.cross_entropy(student_u, pseudo.roll(1, 0)) - unsup)) > VISIBLE
+
+
+def test_action_stage3_total_loss_and_confident_fraction(monkeypatch) -> None:
+    """``L = L_sup + w_u L_unsup + w_a L_anco`` from the logged terms, and the logged confident
+    fraction is the hand-counted ``confidence >= threshold`` with the threshold at the median
+    teacher confidence (so ``>`` would drop the median pixel)."""
+    model = ActionAnatomicalContrast(network=TINY4, unsup_weight=0.7, anco_weight=0.5, representation_dim=8)
+    logs = identity_setup(model, monkeypatch)
+    monkeypatch.setattr(model, "strong_view", lambda image, label, confidence: (image + 0.25, label, confidence))
+    batch = dense_batch()
+    with torch.no_grad():
+        confidence = torch.softmax(model.ema_teacher(batch["unlabeled"]["image"]).logits, dim=1).max(dim=1).values
+    model.unsup_confidence_threshold = float(confidence.median())
+    loss = model.training_step(batch, 0)
+    expected_fraction = (confidence >= model.unsup_confidence_threshold).float().mean()
+    assert value(logs["train/confident_fraction"]) == pytest.approx(value(expected_fraction))
+    assert value(logs["train/L_anco"]) > VISIBLE and value(logs["train/L_unsup"]) > VISIBLE
+    expected = logs["train/L_sup"] + 0.7 * logs["train/L_unsup"] + 0.5 * logs["train/L_anco"]
+    torch.testing.assert_close(loss.detach(), expected.detach())
 
 
 def test_action_stage3_cutmix_mixes_pseudo_labels_like_the_images(monkeypatch) -> None:
@@ -433,6 +574,48 @@ def test_instance_mean_teacher_pairs_each_roi_with_itself(monkeypatch, unlabeled
         student = instance_base.roi_class_logits(*calls[1])
     assert student.shape[0] >= 2
     assert value(softmax_mse(student, student.roll(1, 0))) > VISIBLE
+
+
+@pytest.mark.parametrize("n_rois", [None, 1, 0])
+def test_instance_mean_teacher_consistency_and_counts_by_hand(monkeypatch, unlabeled_cells, n_rois) -> None:
+    """With the teacher's class head moved off the student's, the consistency is the MSE of the RoI
+    softmaxes computed here (over all sampled RoIs, over a single one, or none: then an exact,
+    differentiable 0); the logged counts are the teacher's pseudo-labels and positive RoIs."""
+    model = InstanceMeanTeacher(detector=TINY_DETECTOR, warmup_steps=0, pseudo_label_score=0.0, erase_prob=0.0)
+    logs = instance_identity(model, monkeypatch)
+    with torch.no_grad():
+        cls_score = model.ema_teacher.roi_heads.box_predictor.cls_score
+        cls_score.weight.add_(torch.randn(cls_score.weight.shape, generator=torch.Generator().manual_seed(1)))
+    real_targets, seen = model.teacher_targets, []
+
+    def targets(images):
+        t = real_targets(images)
+        if n_rois is not None:  # keep n_rois RoIs of the first image, none of the others
+            t = dataclasses.replace(t, rois=[r[: n_rois if i == 0 else 0] for i, r in enumerate(t.rois)],
+                                    roi_labels=[r[: n_rois if i == 0 else 0] for i, r in enumerate(t.roi_labels)])
+        seen.append(t)
+        return t
+
+    monkeypatch.setattr(model, "teacher_targets", targets)
+    calls: list = []
+    spy(monkeypatch, instance_mean_teacher, "roi_class_logits", calls)
+    term, logs = model.unlabeled_loss(unlabeled_cells)
+    with torch.no_grad():
+        teacher, student = instance_base.roi_class_logits(*calls[0]), instance_base.roi_class_logits(*calls[1])
+    assert student.shape[0] == (n_rois if n_rois is not None else sum(r.shape[0] for r in seen[0].rois))
+    assert term.requires_grad and torch.isfinite(term)
+    if n_rois == 0:
+        assert value(term) == 0.0
+    else:
+        expected = ((torch.softmax(student, -1) - torch.softmax(teacher, -1)) ** 2).mean()
+        assert value(expected) > VISIBLE
+        torch.testing.assert_close(term.detach(), expected)
+    torch.testing.assert_close(logs["train/consistency"], term.detach())
+    labels = torch.cat(seen[0].roi_labels)
+    assert logs["train/pseudo_labels"] == seen[0].num_pseudo_labels > 0
+    assert logs["train/positive_rois"] == int((labels > 0).sum())
+    if n_rois is None:
+        assert 0 < logs["train/positive_rois"] < labels.numel()
 
 
 def test_mmt_psm_pairs_each_roi_with_itself(monkeypatch, unlabeled_cells) -> None:
