@@ -42,7 +42,7 @@ mutation: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m kdseg.bench --out experiments/results/bench
 
-# First run on a GPU machine (about 8 min on one GPU): every method's fit in 32-true and bf16-mixed
+# First run on a GPU machine (meant to take under 8 min on one GPU; never run on one yet): every method's fit in 32-true and bf16-mixed
 # (step time, peak GPU memory), a 2-GPU DDP fit, GPU-vs-CPU test metrics; JSON in
 # experiments/results/bench/gpu-*.json. Without a GPU: the same path on CPU at tiny sizes.
 GPU_CHECK_ARGS ?=

@@ -1,5 +1,5 @@
 """``make gpu-check``: the first run on a GPU machine. Every method's CUDA / AMP path, the
-2-GPU DDP path and GPU-vs-CPU test metrics, in one short command (about 8 minutes on one GPU).
+2-GPU DDP path and GPU-vs-CPU test metrics, in one command (meant to take under 8 minutes on one GPU; not yet run on one).
 
 What it runs, each through the real console path (``python -m kdseg.cli``, one subprocess each):
 
