@@ -266,7 +266,7 @@ def _resolve(spec: dict[str, Any]) -> dict[str, Any]:
 def data_overrides(kind: str, smoke: bool, work: Path) -> tuple[list[str], str]:
     """CLI overrides of one data kind (``acdc`` / ``isbi2014``) and what the data is.
 
-    GPU: the paper profile's real data when present, else the phantom at the paper's size.
+    GPU: the paper profile's real data when present, else the phantom at the paper profile's size.
     Smoke: the smoke profile's phantoms and tiny-size setting overrides.
     """
     from kdseg.reproduce.data import DataUnavailable, prepare_data
