@@ -54,25 +54,18 @@ import torch
 import yaml
 
 from kdseg.bench import machine
+from kdseg.method_configs import FAMILY_DATA, METHOD_CONFIGS, real_data_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = REPO / "experiments/reproduce/profiles"
 
+#: the methods checked: those of ``experiments/reproduce/matrix.yaml`` plus UA-MT, USTM and ScribSD.
+CHECKED_METHODS = ("supervised", "mean_teacher", "ua_mt", "action_stage3", "pce", "pce_em", "ustm", "dmpls",
+                   "scribsd", "scribsd_plus", "instance_supervised", "instance_mean_teacher", "mmt_psm")
+
 #: check name -> (method config, data kind).
 CHECKS: dict[str, tuple[str, str]] = {
-    "supervised": ("experiments/acdc/supervised.yaml", "acdc"),
-    "mean_teacher": ("experiments/acdc/mean_teacher.yaml", "acdc"),
-    "ua_mt": ("experiments/acdc/ua_mt.yaml", "acdc"),
-    "action_stage3": ("experiments/acdc/action_stage3.yaml", "acdc"),
-    "pce": ("experiments/acdc/pce.yaml", "acdc"),
-    "pce_em": ("experiments/acdc/pce_em.yaml", "acdc"),
-    "ustm": ("experiments/acdc/ustm.yaml", "acdc"),
-    "dmpls": ("experiments/acdc/dmpls.yaml", "acdc"),
-    "scribsd": ("experiments/acdc/scribsd.yaml", "acdc"),
-    "scribsd_plus": ("experiments/acdc/scribsd_plus.yaml", "acdc"),
-    "instance_supervised": ("experiments/isbi2014/supervised.yaml", "isbi2014"),
-    "instance_mean_teacher": ("experiments/isbi2014/mean_teacher.yaml", "isbi2014"),
-    "mmt_psm": ("experiments/isbi2014/mmt_psm.yaml", "isbi2014"),
+    name: (real_data_config(name), FAMILY_DATA[METHOD_CONFIGS[name][0]]) for name in CHECKED_METHODS
 }
 
 #: methods whose teacher losses wait for ``warmup_steps``: run them from step 0 (see docstring).
