@@ -36,11 +36,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +45,7 @@ import torch
 
 from kdseg.bench_measure import bench_one
 from kdseg.method_configs import METHOD_CONFIGS, phantom_config
+from kdseg.reports import machine, write_new_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,26 +76,6 @@ FAMILY_REFERENCE: dict[str, str] = {"semantic": "supervised", "instance": "insta
 def method_family(name: str) -> str:
     """``semantic`` (U-Net) or ``instance`` (Mask R-CNN)."""
     return METHOD_CONFIGS[name][0]
-
-
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        info["cpu"] = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
-    try:
-        info["load_average"] = os.getloadavg()
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def parse_variant(text: str) -> tuple[str, bool]:
@@ -275,15 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     results = run_all(args)
     text = table(results)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     kind = "cuda" if any(r["device"] == "cuda" for r in results) else "cpu"
-    path = args.out / f"{kind}-{stamp}.json"
-    if path.exists():
-        raise FileExistsError(f"{path} exists")
-    path.write_text(json.dumps({"machine": machine(), "settings": vars(args) | {"out": str(args.out)}, "results": results,
-                                "table": text}, indent=2, default=str))
-    print(f"wrote {path}")
+    write_new_report(args.out, kind, {"machine": machine(), "settings": vars(args) | {"out": str(args.out)},
+                                      "results": results, "table": text})
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +52,8 @@ import lightning.pytorch as pl
 import torch
 import yaml
 
-from kdseg.bench import machine
 from kdseg.method_configs import FAMILY_DATA, METHOD_CONFIGS, real_data_config
+from kdseg.reports import machine, write_new_report
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = REPO / "experiments/reproduce/profiles"
@@ -476,13 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(report)
     report["table"] = text
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = args.out / f"{'gpu' if not smoke else 'cpu-smoke'}-{stamp}.json"
-    if path.exists():
-        raise FileExistsError(f"{path} exists")
-    path.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {path}")
+    write_new_report(args.out, "gpu" if not smoke else "cpu-smoke", report)
     ok = all(f["ok"] for f in fits) and test.get("ok") is True and ddp.get("ok") is not False
     return 0 if ok else 1
 

@@ -20,6 +20,7 @@ ARRAY_KEYS = ("image", "label", "scribble")
 
 
 def check_require(require: Iterable[str]) -> tuple[str, ...]:
+    """``require`` as a tuple; ValueError when it names a key other than :data:`ARRAY_KEYS`."""
     require = tuple(require)
     bad = [k for k in require if k not in ARRAY_KEYS]
     if bad:
@@ -47,6 +48,7 @@ def _to_int_mask(arr: np.ndarray, where: str, what: str) -> np.ndarray:
 
 
 def check_label(arr: np.ndarray, where: str, num_classes: int) -> np.ndarray:
+    """A label map as uint8 with values in ``[0, num_classes)``."""
     arr = _to_int_mask(arr, where, "'label'")
     if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
         raise DataError(f"{where}: 'label' values must be in 0..{num_classes - 1} "
@@ -65,6 +67,7 @@ def _check_scribble(arr: np.ndarray, where: str, num_classes: int, ignore: int) 
 
 
 def check_image(arr: np.ndarray, where: str, ndim: int) -> np.ndarray:
+    """A non-empty, finite, numeric ``ndim``-D image as float32."""
     arr = np.asarray(arr)
     if arr.dtype.kind not in "fiub":
         raise DataError(f"{where}: 'image' must be numeric, found dtype {arr.dtype}")
@@ -88,6 +91,7 @@ def _check_shape(name: str, arr: np.ndarray, image: np.ndarray, where: str) -> N
 
 def validated_arrays(arrays: dict[str, np.ndarray], where: str, num_classes: int,
                ignore: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``(image, label, scribble)`` of one file, checked (absent label / scribble stay None)."""
     image = check_image(arrays["image"], where, arrays["image"].ndim)
     label = scribble = None
     if arrays.get("label") is not None:
@@ -100,6 +104,7 @@ def validated_arrays(arrays: dict[str, np.ndarray], where: str, num_classes: int
 
 
 def check_params(num_classes: int, ignore: int) -> None:
+    """ValueError unless ``num_classes`` and the scribble ignore value fit in uint8."""
     if num_classes < 1 or num_classes > 255:
         raise ValueError(f"num_classes must be in 1..255, got {num_classes}")
     if not 0 <= ignore <= 255:

@@ -59,6 +59,7 @@ class InstanceMatch:
 def match_from(
     inter: np.ndarray, area_g: np.ndarray, area_p: np.ndarray, iou_threshold: float
 ) -> InstanceMatch:
+    """:func:`match_instances` from the overlap counts of :func:`~kdseg.metrics.instance_overlap.overlaps`."""
     n_gt, n_pred = inter.shape
     iou, _ = iou_from(inter, area_g, area_p)
     valid = (iou >= iou_threshold) & (iou > 0)

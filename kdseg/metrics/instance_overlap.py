@@ -16,6 +16,7 @@ __all__ = ["as_mask_stack", "check_pair", "iou_from", "overlaps", "pairwise_iou"
 
 
 def to_numpy(x: Any) -> np.ndarray:
+    """A numpy array from an array-like or a torch tensor (detached, on the CPU)."""
     if hasattr(x, "detach"):  # torch tensor
         x = x.detach().cpu().numpy()
     return np.asarray(x)
@@ -36,6 +37,7 @@ def as_mask_stack(x: Any, name: str, mask_threshold: float = 0.5) -> np.ndarray:
 
 
 def check_pair(pred: np.ndarray, gt: np.ndarray) -> None:
+    """ValueError unless predicted and ground-truth masks have the same ``(H, W)``."""
     if pred.shape[1:] != gt.shape[1:]:
         raise ValueError(f"prediction masks are {pred.shape[1:]} but ground truth masks are {gt.shape[1:]}")
 
@@ -58,6 +60,7 @@ def overlaps(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 
 
 def iou_from(inter: np.ndarray, area_g: np.ndarray, area_p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``iou (G, P)`` and ``union (G, P)`` from the :func:`overlaps` counts (IoU 0 where the union is empty)."""
     union = area_g[:, None] + area_p[None, :] - inter
     iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
     return iou, union
