@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -53,26 +52,19 @@ import lightning.pytorch as pl
 import torch
 import yaml
 
-from kdseg.bench import machine
+from kdseg.method_configs import FAMILY_DATA, METHOD_CONFIGS, real_data_config
+from kdseg.reports import machine, write_new_report
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = REPO / "experiments/reproduce/profiles"
 
+#: the methods checked: those of ``experiments/reproduce/matrix.yaml`` plus UA-MT, USTM and ScribSD.
+CHECKED_METHODS = ("supervised", "mean_teacher", "ua_mt", "action_stage3", "pce", "pce_em", "ustm", "dmpls",
+                   "scribsd", "scribsd_plus", "instance_supervised", "instance_mean_teacher", "mmt_psm")
+
 #: check name -> (method config, data kind).
 CHECKS: dict[str, tuple[str, str]] = {
-    "supervised": ("experiments/acdc/supervised.yaml", "acdc"),
-    "mean_teacher": ("experiments/acdc/mean_teacher.yaml", "acdc"),
-    "ua_mt": ("experiments/acdc/ua_mt.yaml", "acdc"),
-    "action_stage3": ("experiments/acdc/action_stage3.yaml", "acdc"),
-    "pce": ("experiments/acdc/pce.yaml", "acdc"),
-    "pce_em": ("experiments/acdc/pce_em.yaml", "acdc"),
-    "ustm": ("experiments/acdc/ustm.yaml", "acdc"),
-    "dmpls": ("experiments/acdc/dmpls.yaml", "acdc"),
-    "scribsd": ("experiments/acdc/scribsd.yaml", "acdc"),
-    "scribsd_plus": ("experiments/acdc/scribsd_plus.yaml", "acdc"),
-    "instance_supervised": ("experiments/isbi2014/supervised.yaml", "isbi2014"),
-    "instance_mean_teacher": ("experiments/isbi2014/mean_teacher.yaml", "isbi2014"),
-    "mmt_psm": ("experiments/isbi2014/mmt_psm.yaml", "isbi2014"),
+    name: (real_data_config(name), FAMILY_DATA[METHOD_CONFIGS[name][0]]) for name in CHECKED_METHODS
 }
 
 #: methods whose teacher losses wait for ``warmup_steps``: run them from step 0 (see docstring).
@@ -483,13 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(report)
     report["table"] = text
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = args.out / f"{'gpu' if not smoke else 'cpu-smoke'}-{stamp}.json"
-    if path.exists():
-        raise FileExistsError(f"{path} exists")
-    path.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {path}")
+    write_new_report(args.out, "gpu" if not smoke else "cpu-smoke", report)
     ok = all(f["ok"] for f in fits) and test.get("ok") is True and ddp.get("ok") is not False
     return 0 if ok else 1
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kdseg import bench
+from kdseg.bench_measure import bench_one
 
 
 def test_bench_smoke(tmp_path: Path, capsys) -> None:
@@ -35,7 +36,7 @@ def test_bench_new_methods_ratios(tmp_path: Path) -> None:
 
     results = []
     for name in ("instance_supervised", "mmt_psm", "mean_teacher", "action_stage3"):
-        result = bench.bench_one(
+        result = bench_one(
             bench.METHODS[name][0], "cpu", image_size=32, batch_size=2, steps=1, warmup=0,
             precision="32-true", channels_last=False, instance_image_size=64, instance_batch_size=1,
         )
@@ -58,7 +59,7 @@ def test_bench_new_methods_ratios(tmp_path: Path) -> None:
     assert text.index("semantic (") < text.index("instance (")  # one table per family
     assert "ACTION stage 3 (L_sup + L_unsup + L_anco) vs mean_teacher, same batch 2+2" in text
     with pytest.raises(ValueError, match="channels-last"):
-        bench.bench_one(bench.METHODS["mmt_psm"][0], "cpu", 32, 2, 1, 0, "bf16-mixed", True)
+        bench_one(bench.METHODS["mmt_psm"][0], "cpu", 32, 2, 1, 0, "bf16-mixed", True)
 
 
 def test_variants_option_on_cpu() -> None:
@@ -73,6 +74,6 @@ def test_variants_option_on_cpu() -> None:
     assert bench.variants_for("cpu", "semantic", requested) == requested
     assert bench.variants_for("cpu", "instance", requested) == [("32-true", False)]
     assert bench.variants_for("cpu", "semantic") == [("32-true", False)]
-    result = bench.bench_one(bench.METHODS["supervised"][0], "cpu", image_size=32, batch_size=2, steps=1, warmup=0,
-                             precision="bf16-mixed", channels_last=True)
+    result = bench_one(bench.METHODS["supervised"][0], "cpu", image_size=32, batch_size=2, steps=1, warmup=0,
+                       precision="bf16-mixed", channels_last=True)
     assert result["precision"] == "bf16-mixed" and result["channels_last"] and result["step_s"] > 0

@@ -21,7 +21,7 @@ from test_instance_data import _write_coco
 from kdseg.callbacks.run_dir import evaluation_log_root
 from kdseg.checkpoints import CheckpointError, load_checkpoint
 from kdseg.cli import ConfigError, console, differing_arguments
-from kdseg.data.instances import read_coco
+from kdseg.data.coco import read_coco
 from kdseg.data.volume import DataError
 
 ACDC_MT = str(REPO / "experiments/acdc/mean_teacher.yaml")

@@ -13,15 +13,10 @@ from pycocotools import mask as mask_utils
 from skimage import io
 
 from kdseg.data.cytology_phantom import make_cytology_phantom
-from kdseg.data.instances import (
-    CYTOPLASM,
-    NUCLEUS,
-    InstanceSample,
-    read_coco,
-    read_isbi2014,
-    read_unlabeled_images,
-    split_labeled,
-)
+from kdseg.data.cell_images import read_unlabeled_images
+from kdseg.data.coco import read_coco
+from kdseg.data.instances import CYTOPLASM, NUCLEUS, InstanceSample, split_labeled
+from kdseg.data.isbi2014 import read_isbi2014
 from kdseg.data.volume import DataError
 
 REPO = Path(__file__).resolve().parents[1]

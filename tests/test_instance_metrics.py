@@ -11,15 +11,10 @@ import pytest
 import torch
 
 from kdseg.data.cytology_phantom import make_cytology_phantom
-from kdseg.metrics.instance import (
-    InstanceMetricAccumulator,
-    aggregated_jaccard_index,
-    aggregated_jaccard_index_gated,
-    f1_at_iou,
-    match_instances,
-    matched_dice,
-    pairwise_iou,
-)
+from kdseg.metrics.aji import aggregated_jaccard_index, aggregated_jaccard_index_gated
+from kdseg.metrics.instance import InstanceMetricAccumulator
+from kdseg.metrics.instance_matching import f1_at_iou, match_instances, matched_dice
+from kdseg.metrics.instance_overlap import pairwise_iou
 
 
 def box_mask(shape, r0, r1, c0, c1):
@@ -434,7 +429,7 @@ def test_masks_to_size_bilinear_then_threshold_by_hand():
 def test_prediction_at_a_smaller_size_is_scored_against_the_native_ground_truth():
     from kdseg.data.instance_datamodule import CervicalCellDataModule, resize_sample
     from kdseg.methods.instance_base import InstanceSegmentationMethod, _unpack
-    from kdseg.metrics.instance import aggregated_jaccard_index
+    from kdseg.metrics.aji import aggregated_jaccard_index
 
     dm = CervicalCellDataModule(phantom_num_images=5, phantom_size=128, image_size=64, num_val_images=2)
     dm.setup("fit")

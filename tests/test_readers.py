@@ -10,13 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from kdseg.data.readers import (
-    detect_layout,
-    list_cases,
-    read_patients,
-    read_split_file,
-    read_volume,
-)
+from kdseg.data.layouts import detect_layout, list_cases
+from kdseg.data.readers import read_patients, read_split_file, read_volume
 from kdseg.data.volume import DataError, Volume
 from kdseg.data.writers import write_prediction
 

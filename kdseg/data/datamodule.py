@@ -245,7 +245,7 @@ class ACDCDataModule(VolumeSegmentationDataModule):
         self._protocol: SplitProtocol | None = None
 
     def _check_root(self) -> str:
-        from kdseg.data.readers import detect_layout
+        from kdseg.data.layouts import detect_layout
 
         if self._layout is None:
             self._layout = detect_layout(self.root)

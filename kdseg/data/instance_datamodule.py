@@ -51,14 +51,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from kdseg.data.instances import (
-    CLASS_NAMES,
-    InstanceSample,
-    read_coco,
-    read_isbi2014,
-    read_unlabeled_images,
-    split_labeled,
-)
+from kdseg.data.cell_images import read_unlabeled_images
+from kdseg.data.coco import read_coco
+from kdseg.data.instances import CLASS_NAMES, InstanceSample, split_labeled
+from kdseg.data.isbi2014 import read_isbi2014
 from kdseg.data.volume import DataError
 
 __all__ = [

@@ -1,6 +1,8 @@
 """Readers for the on-disk formats users already have, returning :class:`Volume` records.
 
-Three layouts are supported (arrays are always returned as ``(D, H, W)``, slices first):
+Three layouts are supported (:mod:`kdseg.data.layouts` tells which one a folder holds and where
+its cases are; :mod:`kdseg.data.array_checks` validates what is read). Arrays are always returned
+as ``(D, H, W)``, slices first:
 
 ``"h5_volumes"``
     The shared-folder layout: ``root/volumes/<case>.h5`` with ``image`` float32 ``(D, H, W)``
@@ -27,38 +29,18 @@ file and patient) and what was expected, at read time, before any training start
 
 from __future__ import annotations
 
-import re
 import zlib
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from kdseg.data.array_checks import ARRAY_KEYS, check_image, check_label, check_params, check_require, validated_arrays
+from kdseg.data.layouts import CaseEntry, check_root, detect_layout, index_cases, patient_of
 from kdseg.data.volume import DataError, Volume
 
-__all__ = [
-    "LAYOUTS",
-    "detect_layout",
-    "list_cases",
-    "read_volume",
-    "read_patients",
-    "read_split_file",
-]
+__all__ = ["read_patients", "read_split_file", "read_volume"]
 
-#: The layouts :func:`detect_layout` can return.
-LAYOUTS: tuple[str, ...] = ("h5_volumes", "h5_slices", "nifti")
-
-_ARRAY_KEYS = ("image", "label", "scribble")
-_LAYOUT_DESCRIPTIONS = (
-    "h5_volumes (root/volumes/<case>.h5)",
-    "h5_slices (root/data/slices/<case>_slice_<K>.h5 or root/data/<case>.h5)",
-    "nifti (root[/<one or two folders>]/<patient>/<case>.nii.gz, e.g. raw ACDC)",
-)
-_SLICE_RE = re.compile(r"^(?P<case>.+)_slice_(?P<k>\d+)\.h5$")
-_NIFTI_RE = re.compile(r"^(?P<case>.+?)(?P<gt>_gt)?\.nii(?:\.gz)?$")
-_PATIENT_RE = re.compile(r"^(?P<patient>.+?)_frame\d+$")
 # Errors file readers raise on corrupted / truncated / non-HDF5 / non-NIfTI files.
 _READ_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -70,212 +52,6 @@ _READ_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-@dataclass
-class _Entry:
-    """Where one case lives on disk (internal)."""
-
-    case_id: str
-    kind: str  # "h5" (one 3D file), "h5_slices" or "nifti"
-    path: Path | None = None  # 3D h5 file or NIfTI image
-    gt_path: Path | None = None  # NIfTI ground truth
-    slices: list[tuple[int, Path]] = field(default_factory=list)  # (K, file), sorted by K
-
-
-def patient_of(case_id: str) -> str:
-    """The patient id of a case id: ``patient001_frame01`` -> ``patient001``.
-
-    Case ids without a ``_frameNN`` suffix are their own patient.
-    """
-    m = _PATIENT_RE.match(case_id)
-    return m.group("patient") if m else case_id
-
-
-# --------------------------------------------------------------------------- layout
-
-
-def _check_root(root: Path) -> Path:
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"data root {root} does not exist (expected a folder with one of the "
-                        f"layouts: {'; '.join(_LAYOUT_DESCRIPTIONS)})")
-    if not root.is_dir():
-        raise DataError(f"data root {root} is not a folder")
-    return root
-
-
-def _nifti_files(root: Path) -> list[Path]:
-    """NIfTI files in patient folders 1 to 3 levels below root (root/p, root/a/p, root/a/b/p)."""
-    found: list[Path] = []
-    for depth in (1, 2, 3):
-        pattern = "/".join(["*"] * depth)
-        for ext in ("nii.gz", "nii"):
-            found.extend(p for p in root.glob(f"{pattern}/*.{ext}") if p.is_file())
-    return sorted(set(found))
-
-
-def detect_layout(root: Path) -> str:
-    """Tell which supported layout the folder ``root`` holds.
-
-    Args:
-        root: the dataset folder.
-
-    Returns:
-        ``"h5_volumes"``, ``"h5_slices"`` or ``"nifti"`` (checked in that order).
-
-    Raises:
-        DataError: when ``root`` does not exist or holds none of the three layouts.
-    """
-    root = _check_root(root)
-    if any((root / "volumes").glob("*.h5")):
-        return "h5_volumes"
-    data = root / "data"
-    if any((data / "slices").glob("*.h5")) or any(data.glob("*.h5")):
-        return "h5_slices"
-    if any(_NIFTI_RE.match(p.name) and not p.name.endswith(("_4d.nii.gz", "_4d.nii"))
-           for p in _nifti_files(root)):
-        return "nifti"
-    raise DataError(f"no supported data layout found in {root}: looked for "
-                    f"{'; '.join(_LAYOUT_DESCRIPTIONS)}")
-
-
-def _index(root: Path, layout: str) -> dict[str, _Entry]:
-    """Map case id -> where it is stored, for one layout."""
-    root = _check_root(root)
-    entries: dict[str, _Entry] = {}
-    if layout == "h5_volumes":
-        for p in sorted((root / "volumes").glob("*.h5")):
-            entries[p.stem] = _Entry(p.stem, "h5", path=p)
-    elif layout == "h5_slices":
-        data = root / "data"
-        for p in sorted((data / "slices").glob("*.h5")):
-            m = _SLICE_RE.match(p.name)
-            if m is None:
-                raise DataError(f"{p}: slice file name does not match "
-                                f"'<case>_slice_<K>.h5' (e.g. patient001_frame01_slice_0.h5)")
-            case = m.group("case")
-            entry = entries.setdefault(case, _Entry(case, "h5_slices"))
-            entry.slices.append((int(m.group("k")), p))
-        for entry in entries.values():
-            entry.slices.sort(key=lambda kp: kp[0])
-            for a, b in zip(entry.slices, entry.slices[1:]):
-                if a[0] == b[0]:
-                    raise DataError(f"{b[1]}: slice index {b[0]} of case {entry.case_id} "
-                                    f"appears twice (also {a[1].name})")
-        for p in sorted(data.glob("*.h5")):  # 3D files win over slices
-            entries[p.stem] = _Entry(p.stem, "h5", path=p)
-    elif layout == "nifti":
-        images: dict[str, Path] = {}
-        gts: dict[str, Path] = {}
-        for p in _nifti_files(root):
-            m = _NIFTI_RE.match(p.name)
-            if m is None or m.group("case").endswith("_4d"):
-                continue
-            case = m.group("case")
-            target = gts if m.group("gt") else images
-            if case in target and target[case] != p:
-                raise DataError(f"case {case} is found twice under {root}: {target[case]} "
-                                f"and {p}; keep one copy")
-            target[case] = p
-        for case, img in images.items():
-            entries[case] = _Entry(case, "nifti", path=img, gt_path=gts.get(case))
-        for case, gt in gts.items():
-            if case not in images:
-                raise DataError(f"{gt}: ground truth without its image "
-                                f"(expected {case}.nii.gz beside it)")
-    else:
-        raise DataError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
-    return dict(sorted(entries.items()))
-
-
-def list_cases(root: Path, layout: str) -> dict[str, list[str]]:
-    """The cases available in ``root``, grouped by patient.
-
-    Args:
-        root: the dataset folder.
-        layout: one of :data:`LAYOUTS` (see :func:`detect_layout`).
-
-    Returns:
-        patient id -> sorted case ids, patients in sorted order.
-    """
-    out: dict[str, list[str]] = {}
-    for case in _index(root, layout):
-        out.setdefault(patient_of(case), []).append(case)
-    return {p: sorted(c) for p, c in sorted(out.items())}
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_require(require: Iterable[str]) -> tuple[str, ...]:
-    require = tuple(require)
-    bad = [k for k in require if k not in _ARRAY_KEYS]
-    if bad:
-        raise ValueError(f"require names unknown keys {bad}: expected some of {_ARRAY_KEYS}")
-    return require
-
-
-def _values(arr: np.ndarray, limit: int = 20) -> str:
-    vals = np.unique(arr)
-    shown = ", ".join(str(v.item()) for v in vals[:limit])
-    return f"[{shown}{', ...' if len(vals) > limit else ''}]"
-
-
-def _to_int_mask(arr: np.ndarray, where: str, what: str) -> np.ndarray:
-    """Integer array (int64-safe) from a label/scribble array; DataError if not integral."""
-    arr = np.asarray(arr)
-    if arr.dtype.kind in "iub":
-        return arr
-    if arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
-            raise DataError(f"{where}: {what} must hold integer class values, found "
-                            f"non-integer values (dtype {arr.dtype})")
-        return arr.astype(np.int64)
-    raise DataError(f"{where}: {what} must be an integer array, found dtype {arr.dtype}")
-
-
-def _check_label(arr: np.ndarray, where: str, num_classes: int) -> np.ndarray:
-    arr = _to_int_mask(arr, where, "'label'")
-    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
-        raise DataError(f"{where}: 'label' values must be in 0..{num_classes - 1} "
-                        f"(num_classes={num_classes}), found values {_values(arr)}")
-    return arr.astype(np.uint8, copy=False)
-
-
-def _check_scribble(arr: np.ndarray, where: str, num_classes: int, ignore: int) -> np.ndarray:
-    arr = _to_int_mask(arr, where, "'scribble'")
-    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
-        bad = (arr < 0) | ((arr >= num_classes) & (arr != ignore))
-        if np.any(bad):
-            raise DataError(f"{where}: 'scribble' values must be in 0..{num_classes - 1} or "
-                            f"the ignore value {ignore}, found values {_values(arr)}")
-    return arr.astype(np.uint8, copy=False)
-
-
-def _check_image(arr: np.ndarray, where: str, ndim: int) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.dtype.kind not in "fiub":
-        raise DataError(f"{where}: 'image' must be numeric, found dtype {arr.dtype}")
-    if arr.ndim != ndim:
-        raise DataError(f"{where}: 'image' must be {ndim}D, found shape {arr.shape}")
-    if arr.size == 0:  # 0 slices would train on nothing or fail later in validation
-        raise DataError(f"{where}: 'image' is empty (shape {arr.shape}): a volume needs at least "
-                        "one slice of at least one pixel")
-    arr = arr.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(arr)):
-        n = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-        raise DataError(f"{where}: 'image' contains {n} NaN/inf values")
-    return arr
-
-
-def _check_shape(name: str, arr: np.ndarray, image: np.ndarray, where: str) -> None:
-    if arr.shape != image.shape:
-        raise DataError(f"{where}: '{name}' shape {arr.shape} does not match 'image' "
-                        f"shape {image.shape}")
-
-
-# --------------------------------------------------------------------------- readers
-
-
 def _read_h5(path: Path, require: tuple[str, ...], ndim: int) -> dict[str, np.ndarray]:
     """Raw arrays of one HDF5 file (image and whichever of label/scribble it has)."""
     try:
@@ -285,7 +61,7 @@ def _read_h5(path: Path, require: tuple[str, ...], ndim: int) -> dict[str, np.nd
             if missing:
                 raise DataError(f"{path}: missing key(s) {missing}; the file has keys {keys}")
             out = {}
-            for k in _ARRAY_KEYS:
+            for k in ARRAY_KEYS:
                 if k in f:
                     ds = f[k]
                     if not isinstance(ds, h5py.Dataset):
@@ -300,35 +76,22 @@ def _read_h5(path: Path, require: tuple[str, ...], ndim: int) -> dict[str, np.nd
     return out
 
 
-def _validated(arrays: dict[str, np.ndarray], where: str, num_classes: int,
-               ignore: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    image = _check_image(arrays["image"], where, arrays["image"].ndim)
-    label = scribble = None
-    if arrays.get("label") is not None:
-        _check_shape("label", arrays["label"], image, where)
-        label = _check_label(arrays["label"], where, num_classes)
-    if arrays.get("scribble") is not None:
-        _check_shape("scribble", arrays["scribble"], image, where)
-        scribble = _check_scribble(arrays["scribble"], where, num_classes, ignore)
-    return image, label, scribble
-
-
-def _read_h5_volume(entry: _Entry, require: tuple[str, ...], num_classes: int, ignore: int,
+def _read_h5_volume(entry: CaseEntry, require: tuple[str, ...], num_classes: int, ignore: int,
                     source_format: str) -> Volume:
     assert entry.path is not None
     arrays = _read_h5(entry.path, require, ndim=3)
-    image, label, scribble = _validated(arrays, str(entry.path), num_classes, ignore)
+    image, label, scribble = validated_arrays(arrays, str(entry.path), num_classes, ignore)
     return Volume(case_id=entry.case_id, patient_id=patient_of(entry.case_id), image=image,
                   label=label, scribble=scribble, spacing=None, source=entry.path,
                   source_format=source_format)
 
 
-def _read_h5_slices(entry: _Entry, require: tuple[str, ...], num_classes: int,
+def _read_h5_slices(entry: CaseEntry, require: tuple[str, ...], num_classes: int,
                     ignore: int) -> Volume:
     per_slice = []
     for _, path in entry.slices:
         arrays = _read_h5(path, require, ndim=2)
-        per_slice.append((path, _validated(arrays, str(path), num_classes, ignore)))
+        per_slice.append((path, validated_arrays(arrays, str(path), num_classes, ignore)))
     first_path, (first_img, first_lab, first_scr) = per_slice[0]
     stacked: list[np.ndarray | None] = []
     for i, name, first in ((0, "image", first_img), (1, "label", first_lab),
@@ -368,7 +131,7 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     return data, affine, zooms
 
 
-def _read_nifti(entry: _Entry, require: tuple[str, ...], num_classes: int) -> Volume:
+def _read_nifti(entry: CaseEntry, require: tuple[str, ...], num_classes: int) -> Volume:
     assert entry.path is not None
     if "scribble" in require:
         raise DataError(f"{entry.path}: scribbles were required but raw ACDC NIfTI data has "
@@ -379,7 +142,7 @@ def _read_nifti(entry: _Entry, require: tuple[str, ...], num_classes: int) -> Vo
                         f"{entry.path.parent / gt_name} does not exist")
     data, affine, zooms = _load_nifti(entry.path)
     where = str(entry.path)
-    image = _check_image(data, where, 3)
+    image = check_image(data, where, 3)
     lo, hi = float(image.min()), float(image.max())
     image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
     image = np.ascontiguousarray(image.transpose(2, 1, 0), dtype=np.float32)
@@ -390,28 +153,20 @@ def _read_nifti(entry: _Entry, require: tuple[str, ...], num_classes: int) -> Vo
             raise DataError(f"{entry.gt_path}: ground truth shape {gt.shape} does not match "
                             f"the image {entry.path.name} shape {data.shape}")
         label = np.ascontiguousarray(
-            _check_label(gt, str(entry.gt_path), num_classes).transpose(2, 1, 0))
+            check_label(gt, str(entry.gt_path), num_classes).transpose(2, 1, 0))
     sx, sy, sz = (zooms + (1.0, 1.0, 1.0))[:3]
     return Volume(case_id=entry.case_id, patient_id=patient_of(entry.case_id), image=image,
                   label=label, scribble=None, spacing=(sz, sy, sx), source=entry.path,
                   source_format="nifti", affine=affine)
 
 
-def _read_entry(entry: _Entry, require: tuple[str, ...], num_classes: int,
+def _read_entry(entry: CaseEntry, require: tuple[str, ...], num_classes: int,
                 ignore: int) -> Volume:
     if entry.kind == "nifti":
         return _read_nifti(entry, require, num_classes)
     if entry.kind == "h5_slices":
         return _read_h5_slices(entry, require, num_classes, ignore)
     return _read_h5_volume(entry, require, num_classes, ignore, source_format="h5")
-
-
-def _check_params(num_classes: int, ignore: int) -> None:
-    if num_classes < 1 or num_classes > 255:
-        raise ValueError(f"num_classes must be in 1..255, got {num_classes}")
-    if not 0 <= ignore <= 255:
-        raise ValueError(f"scribble_ignore_index must be in 0..255 (stored as uint8), "
-                         f"got {ignore}")
 
 
 def read_volume(root: Path, layout: str, case_id: str, require: tuple[str, ...] = (),
@@ -434,9 +189,9 @@ def read_volume(root: Path, layout: str, case_id: str, require: tuple[str, ...] 
         DataError: missing root or case, missing required key, out-of-range values, shape
             mismatch, NaN/inf image, or an unreadable file.
     """
-    require = _check_require(require)
-    _check_params(num_classes, scribble_ignore_index)
-    entries = _index(root, layout)
+    require = check_require(require)
+    check_params(num_classes, scribble_ignore_index)
+    entries = index_cases(root, layout)
     if case_id not in entries:
         raise DataError(f"case {case_id} not found in {root} (layout {layout})")
     return _read_entry(entries[case_id], require, num_classes, scribble_ignore_index)
@@ -462,12 +217,12 @@ def read_patients(root: Path, patient_ids: list[str], require: tuple[str, ...] =
     Raises:
         DataError: a patient without any file, or any problem :func:`read_volume` reports.
     """
-    require = _check_require(require)
-    _check_params(num_classes, scribble_ignore_index)
-    root = _check_root(root)
+    require = check_require(require)
+    check_params(num_classes, scribble_ignore_index)
+    root = check_root(root)
     if layout is None:
         layout = detect_layout(root)
-    entries = _index(root, layout)
+    entries = index_cases(root, layout)
     by_patient: dict[str, list[str]] = {}
     for case in entries:
         by_patient.setdefault(patient_of(case), []).append(case)
