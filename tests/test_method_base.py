@@ -131,5 +131,6 @@ def test_evaluators_gather_every_rank_once(tmp_path) -> None:
         assert result["instances"] == ["img0", "img1"]
         assert result["masks"].shape == (1, 8, 8) and result["masks"].sum() == 16
         assert int(result["num_images"]) == 2 and math.isclose(result["aji"], 1.0)
-    assert [r["metrics"][1]["dice"] for r in ranks[0]["volumes"]] == [r["metrics"][1]["dice"] for r in ranks[1]["volumes"]]
+    dice = [[row["metrics"][1]["dice"] for row in result["volumes"]] for result in ranks]
+    assert dice[0] == dice[1]
     assert np.array_equal(ranks[0]["masks"], ranks[1]["masks"])

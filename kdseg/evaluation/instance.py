@@ -45,7 +45,9 @@ class InstanceEvaluator(Evaluator[Record]):
     def __init__(self) -> None:
         super().__init__(key=lambda record: record[0])
 
-    def add_batch(self, outputs: Sequence[dict[str, Tensor]], batch: Sequence[tuple[Tensor, dict[str, Tensor], str]]) -> None:
+    def add_batch(
+        self, outputs: Sequence[dict[str, Tensor]], batch: Sequence[tuple[Tensor, dict[str, Tensor], str]]
+    ) -> None:
         """Records the detections ``outputs`` of the images of ``batch`` (``(image, target, id)``)."""
         for out, (_, target, image_id) in zip(outputs, batch):
             # Scored at the target's size (native when the data module resized the image): the

@@ -265,6 +265,7 @@ class ActionLocalDistillation(_ContrastiveDistillation):
         self.local_enqueue_per_image = local_enqueue_per_image
         self.local_weight = local_weight
         self.global_weight = global_weight
+        # As many slots as stage 1's bank (bank_size).
         self.local_bank = FeatureMemoryBank(local_embedding_dim, self.global_bank.size)
         if global_weight == 0:
             for name in (HEAD_GLOBAL_PROJECTION, HEAD_GLOBAL_PREDICTOR):

@@ -62,7 +62,9 @@ class DMPLS(SegmentationMethod):
 
     def configure_heads(self, network: SegmentationNetwork) -> None:
         unet = network.unet
-        aux = AuxiliaryDecoder(copy.deepcopy(unet.decoder), copy.deepcopy(unet.segmentation_head), self.hparams.aux_dropout)
+        aux = AuxiliaryDecoder(
+            copy.deepcopy(unet.decoder), copy.deepcopy(unet.segmentation_head), self.hparams.aux_dropout
+        )
         # Own weights, initialised the way smp initialises the main branch (not a copy of it).
         smp_init.initialize_decoder(aux.decoder)
         smp_init.initialize_head(aux.head)

@@ -367,13 +367,17 @@ class TeacherTargets:
 
 
 @torch.no_grad()
-def teacher_targets(teacher: nn.Module, images: Sequence[Tensor], min_score: float, with_foreground: bool) -> TeacherTargets:
+def teacher_targets(
+    teacher: nn.Module, images: Sequence[Tensor], min_score: float, with_foreground: bool
+) -> TeacherTargets:
     """Pseudo-labels (detections with score >= ``min_score``), shared RoIs sampled against them
     and, when ``with_foreground``, the union of their masks, from ``teacher`` (eval mode) on
     ``images`` as given (the clean view)."""
     image_list, _ = preprocess(teacher, images)
     features = teacher.backbone(image_list.tensors)
-    kept, proposals = detect_in_input_frame(teacher, image_list, features, min_score=min_score, with_masks=with_foreground)
+    kept, proposals = detect_in_input_frame(
+        teacher, image_list, features, min_score=min_score, with_masks=with_foreground
+    )
     rois, roi_labels = sample_shared_rois(
         teacher.roi_heads, proposals, [d["boxes"] for d in kept], [d["labels"] for d in kept]
     )
