@@ -127,7 +127,8 @@ def bench_one(
     the config's; see the module docstring)."""
     from kdseg.callbacks.ema import ema_update_
     from kdseg.cli import main
-    from kdseg.methods.instance_base import InstanceSegmentationMethod, InstanceTeacherStudentMethod, to_rgb
+    from kdseg.methods.instance_base import InstanceSegmentationMethod, InstanceTeacherStudentMethod
+    from kdseg.networks.mask_rcnn import to_rgb
     from kdseg.networks.inference import predict_volume
 
     if threads:

@@ -23,10 +23,10 @@ from kdseg.methods.action import (
     ActionAnatomicalContrast,
     ActionGlobalDistillation,
     ActionLocalDistillation,
-    RepresentationHead,
     confidence_weighted_cross_entropy,
 )
 from kdseg.methods.base import NetworkConfig
+from kdseg.networks.projection_heads import RepresentationHead
 from kdseg.losses.uncertainty import masked_softmax_mse, predictive_entropy
 from kdseg.methods.ua_mt import UncertaintyAwareMeanTeacher
 

@@ -176,7 +176,7 @@ def test_coco_polygon_inside_gives_no_warning(tmp_path: Path) -> None:
 
 def test_crafted_checkpoint_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kdseg.methods import MeanTeacher, NetworkConfig
-    from kdseg.methods.instance_base import _load_state_dict_file
+    from kdseg.networks.mask_rcnn import _load_state_dict_file
     from kdseg.reproduce.execute import checkpoint_score
 
     path, marker = crafted_checkpoint(tmp_path)

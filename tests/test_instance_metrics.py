@@ -428,7 +428,8 @@ def test_masks_to_size_bilinear_then_threshold_by_hand():
 
 def test_prediction_at_a_smaller_size_is_scored_against_the_native_ground_truth():
     from kdseg.data.instance_datamodule import CervicalCellDataModule, resize_sample
-    from kdseg.methods.instance_base import InstanceSegmentationMethod, _unpack
+    from kdseg.evaluation import InstanceEvaluator
+    from kdseg.evaluation.instance import unpack_masks
     from kdseg.metrics.aji import aggregated_jaccard_index
 
     dm = CervicalCellDataModule(phantom_num_images=5, phantom_size=128, image_size=64, num_val_images=2)
@@ -447,17 +448,11 @@ def test_prediction_at_a_smaller_size_is_scored_against_the_native_ground_truth(
     outputs = [{"masks": torch.from_numpy(seen.masks).float()[:, None], "labels": torch.from_numpy(seen.labels),
                 "scores": torch.ones(len(seen.labels))}]
 
-    class Fake:
-        _eval_records: list = []
-
-        def __call__(self, images):
-            assert images[0].shape == (1, 64, 64)
-            return outputs
-
-    fake = Fake()
-    InstanceSegmentationMethod._evaluate_batch(fake, [(image, target, image_id)])
-    (_, pred, gt), = fake._eval_records
-    pred_masks, gt_masks = _unpack(pred["masks"]), _unpack(gt["masks"])
+    assert image.shape == (1, 64, 64)
+    evaluator = InstanceEvaluator()
+    evaluator.add_batch(outputs, [(image, target, image_id)])
+    (_, pred, gt), = evaluator.rows
+    pred_masks, gt_masks = unpack_masks(pred["masks"]), unpack_masks(gt["masks"])
     assert pred_masks.shape[-2:] == gt_masks.shape[-2:] == (128, 128)
     assert np.array_equal(gt_masks, native.masks)
     keep = np.isin(seen.labels, [1])

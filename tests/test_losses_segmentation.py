@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from kdseg.losses.segmentation import ce_dice_loss, partial_cross_entropy, sigmoid_rampup, softmax_mse
+from kdseg.losses.segmentation import ce_dice_loss, partial_cross_entropy, softmax_mse
+from kdseg.schedules import sigmoid_rampup
 
 
 def test_partial_ce_ignores_unannotated_pixels() -> None:

@@ -19,7 +19,7 @@ from kdseg.losses.psm import (
     select_sensitive_negatives,
     sharpen,
 )
-from kdseg.methods.instance_base import DetectorConfig, hflip_boxes, sample_shared_rois
+from kdseg.networks.mask_rcnn import DetectorConfig, hflip_boxes, sample_shared_rois
 from kdseg.methods.mmt_psm import MMTPSM
 
 TINY_DETECTOR = DetectorConfig(

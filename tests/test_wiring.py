@@ -26,7 +26,7 @@ from kdseg.losses.contrastive import prototype_infonce_loss
 from kdseg.losses.dice import soft_dice_loss
 from kdseg.losses.segmentation import ce_dice_loss, softmax_mse
 from kdseg.methods import DMPLS, USTM, MeanTeacher, NetworkConfig, ScribSD, ScribSDPlus
-from kdseg.methods import instance_base, instance_mean_teacher, mmt_psm
+from kdseg.methods import instance_mean_teacher, mmt_psm
 from kdseg.methods.action import (
     HEAD_GLOBAL_PREDICTOR,
     HEAD_GLOBAL_PROJECTION,
@@ -36,10 +36,11 @@ from kdseg.methods.action import (
     ActionGlobalDistillation,
     ActionLocalDistillation,
 )
-from kdseg.methods.instance_base import DetectorConfig
 from kdseg.methods.instance_mean_teacher import InstanceMeanTeacher
 from kdseg.methods.mmt_psm import MMTPSM
 from kdseg.methods.ua_mt import UncertaintyAwareMeanTeacher
+from kdseg.networks import mask_rcnn
+from kdseg.networks.mask_rcnn import DetectorConfig
 
 TINY4 = NetworkConfig(encoder_depth=4, decoder_channels=[32, 16, 8, 8])
 ZERO = 1e-10  # "exactly 0" up to float rounding of identical computations in different batches
@@ -571,7 +572,7 @@ def test_instance_mean_teacher_pairs_each_roi_with_itself(monkeypatch, unlabeled
     assert value(term) < ZERO and value(logs["train/consistency"]) < ZERO
     assert calls[0][0] is model.ema_teacher and calls[1][0] is model.student
     with torch.no_grad():
-        student = instance_base.roi_class_logits(*calls[1])
+        student = mask_rcnn.roi_class_logits(*calls[1])
     assert student.shape[0] >= 2
     assert value(softmax_mse(student, student.roll(1, 0))) > VISIBLE
 
@@ -601,7 +602,7 @@ def test_instance_mean_teacher_consistency_and_counts_by_hand(monkeypatch, unlab
     spy(monkeypatch, instance_mean_teacher, "roi_class_logits", calls)
     term, logs = model.unlabeled_loss(unlabeled_cells)
     with torch.no_grad():
-        teacher, student = instance_base.roi_class_logits(*calls[0]), instance_base.roi_class_logits(*calls[1])
+        teacher, student = mask_rcnn.roi_class_logits(*calls[0]), mask_rcnn.roi_class_logits(*calls[1])
     assert student.shape[0] == (n_rois if n_rois is not None else sum(r.shape[0] for r in seen[0].rois))
     assert term.requires_grad and torch.isfinite(term)
     if n_rois == 0:
@@ -664,9 +665,9 @@ def test_mmt_psm_flipped_view_is_flipped_back_and_mirrored(monkeypatch, unlabele
     model.unlabeled_loss(unlabeled_cells)
     stacked, targets = calls[0][1], targets_seen[0]
     with torch.no_grad():
-        features = teacher.backbone(instance_base.preprocess(teacher, unlabeled_cells)[0].tensors)
-        plain = instance_base.roi_class_logits(teacher, features, targets.rois, targets.image_sizes)
-        mirrored = instance_base.roi_class_logits(teacher, features, targets.rois, targets.image_sizes, mirror=True)
+        features = teacher.backbone(mask_rcnn.preprocess(teacher, unlabeled_cells)[0].tensors)
+        plain = mask_rcnn.roi_class_logits(teacher, features, targets.rois, targets.image_sizes)
+        mirrored = mask_rcnn.roi_class_logits(teacher, features, targets.rois, targets.image_sizes, mirror=True)
     torch.testing.assert_close(stacked[0], plain)
     torch.testing.assert_close(stacked[1], mirrored)
     assert value((plain - mirrored).abs().max()) > VISIBLE

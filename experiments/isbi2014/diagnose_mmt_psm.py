@@ -79,7 +79,7 @@ def validation_scores(model: Any, datamodule: Any) -> dict[str, float]:
 def probe_batchnorm(model: Any, datamodule: Any, batches: int) -> dict[str, dict[str, float]]:
     """Validation scores before and after ``batches`` gradient-free train-mode student forwards
     of each kind of view (labeled, unlabeled clean, unlabeled perturbed)."""
-    from kdseg.methods.instance_base import preprocess
+    from kdseg.networks.mask_rcnn import preprocess
 
     results = {"checkpoint": validation_scores(model, datamodule)}
     state = copy.deepcopy(model.state_dict())

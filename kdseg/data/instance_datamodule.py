@@ -33,7 +33,7 @@ then >= 0.5) to shrink the problem for a CPU; ``crop_size`` additionally trains 
 are dropped). Training images are weakly augmented (random rot90 / flips) when ``augment``.
 Validation / test metrics are scored at the images' native size (``eval_native_size``, default):
 the network sees the resized image, its masks are resized back to the native ground truth by
-the method (:meth:`kdseg.methods.instance_base.InstanceSegmentationMethod._evaluate_batch`), as
+the method (:meth:`kdseg.evaluation.InstanceEvaluator.add_batch`), as
 the ISBI 2014 literature reports at 512 px and as ACDC volumes are scored at their own size.
 """
 

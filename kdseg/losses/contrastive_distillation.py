@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdseg.losses.hard_negative_sampling import all_gather_rows, fifo_write
+from kdseg.distributed import all_gather_rows
+from kdseg.losses.ring_buffer import fifo_write
 
 __all__ = [
     "FeatureMemoryBank",

@@ -32,75 +32,20 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdseg.distributed import all_gather_rows
+from kdseg.losses.ring_buffer import fifo_write
+
 __all__ = [
     "ContrastSample",
     "HardNegativeSampler",
-    "all_gather_rows",
     "class_relation_weights",
-    "distributed_ready",
-    "fifo_write",
     "sample_negatives",
     "select_hard_queries",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# small shared helpers (also used by kdseg.losses.contrastive_distillation)
-# --------------------------------------------------------------------------------------------
-def distributed_ready() -> bool:
-    """True when a ``torch.distributed`` process group with more than one rank is running."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@torch.no_grad()
-def all_gather_rows(x: Tensor) -> Tensor:
-    """Concatenate ``x`` (``(n_r, ...)`` on rank ``r``) over all ranks, in rank order.
-
-    Row counts may differ between ranks (rows are padded for the collective and trimmed
-    afterwards). Without an initialised process group (or with one rank) ``x`` is returned.
-    Every rank must call this the same number of times, even with zero rows. Not
-    differentiable: use it for memory banks only.
-    """
-    if not distributed_ready():
-        return x
-    world = dist.get_world_size()
-    x = x.detach().contiguous()
-    count = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
-    longest = max(sizes)
-    if longest == 0:
-        return x.new_empty((0, *x.shape[1:]))
-    padded = x.new_zeros((longest, *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:s] for g, s in zip(gathered, sizes)], dim=0)
-
-
-@torch.no_grad()
-def fifo_write(buffer: Tensor, pointer: int, filled: int, x: Tensor) -> tuple[int, int]:
-    """Write rows ``x`` into the ring ``buffer`` (``(size, D)``) at ``pointer``, oldest first out.
-
-    Returns the new ``(pointer, filled)``. With more rows than ``size`` only the newest
-    ``size`` survive. After the write, when the ring is full, slot ``pointer`` holds the oldest
-    row, so ``torch.roll(buffer, -pointer, 0)`` is in chronological order.
-    """
-    size = buffer.shape[0]
-    n = x.shape[0]
-    if n == 0 or size == 0:
-        return pointer, filled
-    keep = x[-size:]
-    start = (pointer + n - keep.shape[0]) % size
-    slots = (start + torch.arange(keep.shape[0], device=buffer.device)) % size
-    buffer[slots] = keep.to(device=buffer.device, dtype=buffer.dtype)
-    return (pointer + n) % size, min(filled + n, size)
 
 
 def _gen_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
@@ -148,9 +93,6 @@ class _ClassPools:
         return self.sorted_idx[self.offsets[classes] + r]
 
 
-# --------------------------------------------------------------------------------------------
-# queries
-# --------------------------------------------------------------------------------------------
 def _select_hard(
     labels: Tensor,
     own_prob: Tensor,
@@ -231,9 +173,6 @@ def select_hard_queries(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# negatives
-# --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def class_relation_weights(prototypes: Tensor, present: Tensor, temperature: float = 0.5) -> Tensor:
     """Class relation graph: ``W[c, k] ∝ exp(cos(p_c, p_k) / temperature)`` over other classes.
@@ -304,9 +243,6 @@ def sample_negatives(
     return out.detach() if detach else out
 
 
-# --------------------------------------------------------------------------------------------
-# the sampler module
-# --------------------------------------------------------------------------------------------
 class ContrastSample(NamedTuple):
     """What the sampler hands a contrastive loss for one class (unpacks as a 4-tuple)."""
 

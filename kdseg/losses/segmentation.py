@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -54,13 +52,3 @@ def softmax_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         torch.softmax(student_logits, dim=1), torch.softmax(teacher_logits.detach(), dim=1)
     )
 
-
-def sigmoid_rampup(step: float, rampup_length: float) -> float:
-    """``exp(-5 (1 - t)^2)`` with ``t = clip(step / rampup_length, 0, 1)`` (Laine & Aila 2017).
-
-    ``rampup_length == 0`` means no ramp-up (weight 1 from the start).
-    """
-    if rampup_length <= 0:
-        return 1.0
-    t = min(max(step, 0.0), rampup_length) / rampup_length
-    return float(math.exp(-5.0 * (1.0 - t) ** 2))

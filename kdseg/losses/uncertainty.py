@@ -3,7 +3,6 @@ UA-MT and USTM."""
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -11,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdseg.data.augment import clipped_gaussian_noise
-from kdseg.losses.segmentation import sigmoid_rampup
 from kdseg.networks.unet import SegmentationNetwork, run_unet_decoder
 
 #: Encoder dropout of the SSL4MIS / WSL4MIS 2D ``UNet`` (``code/networks/unet.py``: ``'dropout':
@@ -90,12 +88,6 @@ def noisy_teacher_passes(
     logits = predict(clipped_gaussian_noise(copies, noise_std, noise_clip))
     mc_probs = torch.softmax(logits[b:].float(), dim=1)
     return logits[:b], predictive_entropy(mc_probs.reshape(passes, b, *mc_probs.shape[1:]))
-
-
-def uncertainty_threshold(step: int, rampup_steps: int, max_entropy: float = math.log(2)) -> float:
-    """UA-MT's ramped threshold ``(0.75 + 0.25 * sigmoid_rampup(step, rampup_steps)) * max_entropy``:
-    only the most certain pixels count early, nearly all later."""
-    return (0.75 + 0.25 * sigmoid_rampup(step, rampup_steps)) * max_entropy
 
 
 def masked_softmax_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:

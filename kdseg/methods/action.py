@@ -20,7 +20,6 @@ logged metric names (``train/L_global`` ...).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,16 +36,13 @@ from kdseg.losses.contrastive_distillation import (
 from kdseg.losses.hard_negative_sampling import HardNegativeSampler
 from kdseg.losses.segmentation import ce_dice_loss
 from kdseg.methods.base import TeacherStudentMethod
-from kdseg.networks.pointwise import RowSparseGradConv1x1
+from kdseg.networks.projection_heads import GlobalProjectionHead, PixelProjectionHead, RepresentationHead
 from kdseg.networks.unet import SegmentationNetwork
 
 __all__ = [
     "ActionAnatomicalContrast",
     "ActionGlobalDistillation",
     "ActionLocalDistillation",
-    "GlobalProjectionHead",
-    "PixelProjectionHead",
-    "RepresentationHead",
     "confidence_weighted_cross_entropy",
 ]
 
@@ -56,90 +52,6 @@ HEAD_GLOBAL_PREDICTOR = "global_predictor"
 HEAD_LOCAL_PROJECTION = "local_projection"
 HEAD_LOCAL_PREDICTOR = "local_predictor"
 HEAD_REPRESENTATION = "representation"
-
-
-# --------------------------------------------------------------------------------------------
-# heads
-# --------------------------------------------------------------------------------------------
-class GlobalProjectionHead(nn.Module):
-    """Image embedding: global average pool of a feature map, then ``Linear-ReLU-Linear``.
-
-    Args:
-        in_channels: channels of the pooled map (the bottleneck).
-        dim: embedding size.
-        hidden: hidden width (default ``in_channels``).
-    """
-
-    def __init__(self, in_channels: int, dim: int, hidden: int | None = None) -> None:
-        super().__init__()
-        hidden = hidden or in_channels
-        self.mlp = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
-
-    def forward(self, feature: Tensor) -> Tensor:
-        return self.mlp(feature.mean(dim=(2, 3)))
-
-
-class PixelProjectionHead(nn.Module):
-    """Per-pixel embedding: ``Conv1x1-ReLU-Conv1x1`` (an MLP applied to every pixel).
-
-    Args:
-        in_channels: channels of the input map.
-        dim: embedding size.
-        hidden: hidden width (default ``dim``).
-    """
-
-    def __init__(self, in_channels: int, dim: int, hidden: int | None = None) -> None:
-        super().__init__()
-        hidden = hidden or dim
-        self.mlp = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, dim, 1)
-        )
-
-    def forward(self, feature: Tensor) -> Tensor:
-        return self.mlp(feature)
-
-
-class RepresentationHead(nn.Module):
-    """AnCo's pixel embeddings from multi-level decoder features.
-
-    Defined as ``Conv1x1(concat_i(upsample_i(f_i))) -> BN -> ReLU -> Conv1x1``: every decoder
-    feature is bilinearly upsampled to the finest one's size, all are concatenated and projected.
-    Computed equivalently as ``sum_i upsample_i(Conv1x1_i(f_i))``: a 1x1 convolution and bilinear
-    interpolation are both linear and act on different axes (channels / space), so they commute,
-    and a 1x1 convolution of a concatenation is the sum of per-part convolutions. Projecting each
-    level at its own resolution first costs 1/16 of the first convolution's multiply-adds for the
-    default U-Net (decoder channels 256..16 at 1/16..1 resolution: 31 instead of 496 input
-    channels per full-resolution pixel) and never materialises the ``sum(decoder_channels)``-channel
-    full-resolution map. (The first convolution has no bias:
-    the BatchNorm after it has one.)
-
-    Args:
-        in_channels: channels of each decoder feature, coarse to fine.
-        dim: embedding size.
-    """
-
-    def __init__(self, in_channels: Sequence[int], dim: int) -> None:
-        super().__init__()
-        self.level_projections = nn.ModuleList(nn.Conv2d(c, dim, 1, bias=False) for c in in_channels)
-        # Only AnCo's query pixels get a gradient: the last 1x1 conv's backward skips the others.
-        self.out = nn.Sequential(nn.BatchNorm2d(dim), nn.ReLU(inplace=True), RowSparseGradConv1x1(dim, dim))
-
-    def fused(self, features: Sequence[Tensor]) -> Tensor:
-        """``Conv1x1(concat(upsampled features))`` before BN, computed level by level."""
-        if len(features) != len(self.level_projections):
-            raise ValueError(f"expected {len(self.level_projections)} decoder features, got {len(features)}")
-        size = features[-1].shape[-2:]
-        total: Tensor | None = None
-        for projection, feature in zip(self.level_projections, features):
-            x = projection(feature)
-            if x.shape[-2:] != size:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            total = x if total is None else total + x
-        assert total is not None
-        return total
-
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
-        return self.out(self.fused(features))
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +121,7 @@ class _ContrastiveDistillation(TeacherStudentMethod):
         self.perturbation = perturbation
         self.global_bank = FeatureMemoryBank(global_embedding_dim, bank_size)
 
-    def add_heads(self, network: SegmentationNetwork) -> None:
+    def configure_heads(self, network: SegmentationNetwork) -> None:
         dim = self.hparams.global_embedding_dim
         network.add_head(HEAD_GLOBAL_PROJECTION, GlobalProjectionHead(network.encoder_channels[-1], dim))
         network.add_head(
@@ -353,13 +265,14 @@ class ActionLocalDistillation(_ContrastiveDistillation):
         self.local_enqueue_per_image = local_enqueue_per_image
         self.local_weight = local_weight
         self.global_weight = global_weight
-        self.local_bank = FeatureMemoryBank(local_embedding_dim, self.hparams.bank_size)
+        # As many slots as stage 1's bank (bank_size).
+        self.local_bank = FeatureMemoryBank(local_embedding_dim, self.global_bank.size)
         if global_weight == 0:
             for name in (HEAD_GLOBAL_PROJECTION, HEAD_GLOBAL_PREDICTOR):
                 self.student.heads[name].requires_grad_(False)
 
-    def add_heads(self, network: SegmentationNetwork) -> None:
-        super().add_heads(network)
+    def configure_heads(self, network: SegmentationNetwork) -> None:
+        super().configure_heads(network)
         dim = self.hparams.local_embedding_dim
         network.add_head(HEAD_LOCAL_PROJECTION, PixelProjectionHead(network.decoder_channels[-1], dim))
         network.add_head(HEAD_LOCAL_PREDICTOR, PixelProjectionHead(dim, dim))
@@ -511,7 +424,7 @@ class ActionAnatomicalContrast(TeacherStudentMethod):
         if anco_weight == 0:
             self.student.heads[HEAD_REPRESENTATION].requires_grad_(False)
 
-    def add_heads(self, network: SegmentationNetwork) -> None:
+    def configure_heads(self, network: SegmentationNetwork) -> None:
         network.add_head(
             HEAD_REPRESENTATION, RepresentationHead(network.decoder_channels, self.hparams.representation_dim)
         )

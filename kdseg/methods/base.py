@@ -1,8 +1,11 @@
-"""Base LightningModules: a student with volume-level evaluation, and the teacher-student core.
+"""The semantic-segmentation bases: a U-Net student with volume-level evaluation, and the
+teacher-student core.
 
-Every method subclasses :class:`SegmentationMethod` (student only) or
-:class:`TeacherStudentMethod` (student + EMA teacher) and writes only its ``training_step``; the
-optimizer, the per-volume validation / test metrics, the results files and prediction are shared.
+Every U-Net method subclasses :class:`SegmentationMethod` (student only) or
+:class:`TeacherStudentMethod` (student + EMA teacher) and writes its ``training_step`` (and, if
+it has extra heads, ``configure_heads``); the optimizer, the construction order and the checks
+come from :class:`~kdseg.methods.method.Method`, the per-volume metrics and result files from
+:class:`~kdseg.evaluation.VolumeEvaluator`.
 
 Train batches are ``{"labeled": {"image", "target", ...}, "unlabeled": {"image", ...}}`` (see
 :mod:`kdseg.data.datamodule`); val/test/predict batches are whole volumes.
@@ -10,32 +13,22 @@ Train batches are ``{"labeled": {"image", "target", ...}, "unlabeled": {"image",
 
 from __future__ import annotations
 
-import copy
-import csv
-import json
-import math
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
-import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 
-from kdseg.callbacks.ema import EMATeacher
-from kdseg.callbacks.run_dir import run_dir
 from kdseg.checkpoints import load_checkpoint
+from kdseg.evaluation import VolumeEvaluator, format_summary_table, write_test_results
+from kdseg.methods.method import EMATeacherMixin, Method, dataclass_hparam
 from kdseg.metrics.distances import check_convention
-from kdseg.metrics.segmentation import distance_unit, summarize, volume_metrics
 from kdseg.networks.inference import predict_volume
 from kdseg.networks.unet import NetworkOutput, SegmentationNetwork
 
-# The EMA teacher is in eval mode on purpose (see TeacherStudentMethod); Lightning warns about it.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+__all__ = ["NetworkConfig", "SegmentationMethod", "TeacherStudentMethod"]
 
 
 @dataclass(frozen=True)
@@ -53,25 +46,13 @@ class NetworkConfig:
     decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
 
 
-def next_free_path(path: Path) -> Path:
-    """``path`` if it does not exist, else ``stem-1.suffix``, ``stem-2.suffix``, ...: results are
-    never overwritten."""
-    if not path.exists():
-        return path
-    for i in range(1, 10_000):
-        candidate = path.with_name(f"{path.stem}-{i}{path.suffix}")
-        if not candidate.exists():
-            return candidate
-    raise FileExistsError(f"{path}: too many earlier results beside it")
-
-
-class SegmentationMethod(pl.LightningModule):
-    """A student network trained by a subclass's ``training_step``; shared evaluation.
+class SegmentationMethod(Method):
+    """A U-Net student trained by a subclass's ``training_step``; shared evaluation.
 
     Args:
         network: the U-Net (encoder, depth, decoder channels).
-        num_classes: classes including background (must match the data).
-        scribble_ignore_index: scribble value of unannotated pixels (must match the data).
+        num_classes: classes including background.
+        scribble_ignore_index: scribble value of unannotated pixels.
         lr: initial SGD learning rate; decays as ``lr * (1 - t / T) ** poly_power`` over the run's
             optimizer steps (SSL4MIS / WSL4MIS schedule).
         momentum, weight_decay: SGD settings (0.9, 1e-4 in SSL4MIS).
@@ -81,8 +62,8 @@ class SegmentationMethod(pl.LightningModule):
             ``asd`` on each 3D volume in voxel units, without the voxel spacing, as SSL4MIS /
             WSL4MIS ``code/test_2D_fully.py`` compute the papers' numbers; ``monai``: kdseg's
             earlier MONAI definitions, in mm when the data carry a spacing (see
-            :mod:`kdseg.metrics.distances`). Not saved in checkpoints: ``kdseg test`` takes it
-            from its own config / command line.
+            :mod:`kdseg.metrics.distances`). A value given to ``kdseg test --ckpt_path`` wins over
+            the checkpoint's (``kdseg.cli.KdsegCLI._parse_ckpt_path``).
         eval_slice_batch_size: slices per forward pass when segmenting a volume.
         init_weights_from: a checkpoint of an earlier run (e.g. the previous stage of a multi-stage
             method) whose matching weights initialise this one at the start of ``fit``; heads
@@ -90,10 +71,10 @@ class SegmentationMethod(pl.LightningModule):
             restores no optimizer state or step.
     """
 
-    #: whether ``training_step`` needs the unlabeled stream.
-    uses_unlabeled: bool = False
-    #: ``"dense"``, ``"scribble"`` or None (any).
-    required_supervision: str | None = None
+    unlabeled_hint = (
+        "trains on unlabeled data: set data.labeled_patients below the number of "
+        "train patients and data.unlabeled_batch_size > 0"
+    )
 
     def __init__(
         self,
@@ -110,32 +91,27 @@ class SegmentationMethod(pl.LightningModule):
         init_weights_from: str | None = None,
     ) -> None:
         super().__init__()
-        # distance_convention is saved like every argument: a value given to `kdseg test --ckpt_path`
-        # still wins over the checkpoint's (kdseg.cli.KdsegCLI._parse_ckpt_path).
-        self.save_hyperparameters()
-        self.distance_convention = check_convention(distance_convention)
-        self.network_config = network
-        self.num_classes = num_classes
-        self.scribble_ignore_index = scribble_ignore_index
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.distance_convention = check_convention(hp.distance_convention)
+        self.network_config = network = dataclass_hparam(NetworkConfig, hp.network)
+        self.num_classes = hp.num_classes
+        self.scribble_ignore_index = hp.scribble_ignore_index
         self.student = SegmentationNetwork(
             encoder_name=network.encoder_name,
             encoder_weights=network.encoder_weights,
             in_channels=network.in_channels,
-            num_classes=num_classes,
+            num_classes=hp.num_classes,
             encoder_depth=network.encoder_depth,
             decoder_channels=tuple(network.decoder_channels),
         )
-        self._eval_rows: list[dict[str, Any]] = []
+        self.evaluator = VolumeEvaluator(self.num_classes, self.distance_convention)
 
-    # -- forward -----------------------------------------------------------------------------------
     def forward(self, image: Tensor) -> NetworkOutput:
         return self.student(image)
 
-    def inference_network(self) -> nn.Module:
-        """The network evaluated at validation / test / predict."""
-        return self.student
-
-    # -- initialisation from an earlier run --------------------------------------------------------
+    # -- initialisation from an earlier run ------------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.init_weights_from:
             self.load_weights_from(self.hparams.init_weights_from)
@@ -165,126 +141,39 @@ class SegmentationMethod(pl.LightningModule):
         self.load_state_dict(matched, strict=False)
         rank_zero_info(f"initialised {len(matched)} of {len(own)} tensors from {path}")
 
-    # -- checks before training ------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None:
-            return
-        method = type(self).__name__
-        if getattr(datamodule, "num_classes", self.num_classes) != self.num_classes:
-            raise ValueError(
-                f"model.num_classes={self.num_classes} but data.num_classes={datamodule.num_classes}"
-            )
-        if getattr(datamodule, "scribble_ignore_index", self.scribble_ignore_index) != self.scribble_ignore_index:
-            raise ValueError(
-                f"model.scribble_ignore_index={self.scribble_ignore_index} but "
-                f"data.scribble_ignore_index={datamodule.scribble_ignore_index}"
-            )
-        supervision = getattr(datamodule, "supervision", None)
-        if self.required_supervision and supervision != self.required_supervision:
-            raise ValueError(
-                f"{method} needs data.supervision={self.required_supervision!r}, got {supervision!r}"
-            )
-        if self.uses_unlabeled and not getattr(datamodule, "has_unlabeled", False):
-            raise ValueError(
-                f"{method} trains on unlabeled data: set data.labeled_patients below the number of "
-                "train patients and data.unlabeled_batch_size > 0"
-            )
-
-    # -- optimisation ---------------------------------------------------------------------------------
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Everything with ``requires_grad`` outside the EMA teacher."""
-        return [
-            p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("ema_teacher.")
-        ]
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.SGD(
-            self.trainable_parameters(),
-            lr=self.hparams.lr,
-            momentum=self.hparams.momentum,
-            weight_decay=self.hparams.weight_decay,
-        )
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        power = self.hparams.poly_power
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: max(1.0 - step / total_steps, 0.0) ** power
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # -- evaluation ------------------------------------------------------------------------------------
-    def _evaluate_volume(self, batch: dict[str, Any], surface: bool) -> dict[str, Any]:
-        prediction = predict_volume(
+    # -- evaluation ------------------------------------------------------------------------------
+    def _predict(self, batch: dict[str, Any]) -> Tensor:
+        return predict_volume(
             self.inference_network(), batch["image"], batch["input_size"], self.hparams.eval_slice_batch_size
         )
-        convention = self.distance_convention
-        spacing = batch["spacing"].tolist()
-        # The papers' medpy calls pass no voxelspacing: their distances are in voxel steps.
-        if convention == "medpy" or any(math.isnan(s) for s in spacing):
-            spacing = None
-        else:
-            spacing = tuple(spacing)
-        per_class = volume_metrics(
-            prediction.cpu().numpy(), batch["label"].cpu().numpy(), self.num_classes, spacing,
-            surface=surface, convention=convention,
-        )
-        return {
-            "case_id": batch["case_id"],
-            "spacing": spacing,
-            "metrics": {c: asdict(m) for c, m in per_class.items()},
-        }
+
+    def _evaluate_volume(self, batch: dict[str, Any], surface: bool) -> dict[str, Any]:
+        return self.evaluator.score(self._predict(batch), batch, surface)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_rows.append(self._evaluate_volume(batch, surface=self.hparams.val_surface_metrics))
+        self.evaluator.add(self._evaluate_volume(batch, surface=self.hparams.val_surface_metrics))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_rows.append(self._evaluate_volume(batch, surface=True))
+        self.evaluator.add(self._evaluate_volume(batch, surface=True))
 
-    def on_validation_epoch_start(self) -> None:
-        self._eval_rows = []
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_rows = []
-
-    def _gathered_rows(self) -> list[dict[str, Any]]:
-        """Rows of every rank, one per volume (DistributedSampler pads with repeats: deduplicated)."""
-        rows = self._eval_rows
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
-        unique = {row["case_id"]: row for row in rows}
-        return [unique[k] for k in sorted(unique)]
-
-    def _summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        from kdseg.metrics.segmentation import ClassMetrics
-
-        class_names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None) or {
-            c: f"class{c}" for c in range(1, self.num_classes)
-        }
-        per_case = [{int(c): ClassMetrics(**m) for c, m in row["metrics"].items()} for row in rows]
-        summary = summarize(per_case, class_names)
-        spacings = [row["spacing"] for row in rows]
-        summary["distance_unit"] = "pixel" if any(s is None for s in spacings) else distance_unit(spacings[0])
-        summary["distance_convention"] = self.distance_convention
-        summary["class_names"] = {int(c): n for c, n in class_names.items() if 0 < int(c) < self.num_classes}
-        return summary
+    def _class_names(self) -> dict[int, str] | None:
+        return getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
 
     def on_validation_epoch_end(self) -> None:
-        rows = self._gathered_rows()
+        rows = self.evaluator.gathered()
         if not rows:
             return
-        summary = self._summary(rows)
+        summary = self.evaluator.summary(rows, self._class_names())
         for metric in ("dice", "hd95", "asd") if self.hparams.val_surface_metrics else ("dice",):
             self.log(f"val/{metric}_mean", summary["mean"][metric], prog_bar=metric == "dice")
             for name, values in summary["per_class"].items():
                 self.log(f"val/{metric}_{name}", values[f"{metric}_mean"])
 
     def on_test_epoch_end(self) -> None:
-        rows = self._gathered_rows()
+        rows = self.evaluator.gathered()
         if not rows:
             return
-        summary = self._summary(rows)
+        summary = self.evaluator.summary(rows, self._class_names())
         summary["method"] = type(self).__name__
         summary["checkpoint"] = getattr(self.trainer, "ckpt_path", None)
         for name, values in summary["per_class"].items():
@@ -293,99 +182,25 @@ class SegmentationMethod(pl.LightningModule):
         for metric in ("dice", "hd95", "asd"):
             self.log(f"test/{metric}_mean", summary["mean"][metric])
         if self.trainer.is_global_zero:
-            self._write_test_results(summary, rows)
+            write_test_results(
+                self.results_dir(), summary,
+                lambda path: self.evaluator.write_cases(path, rows, summary["class_names"]),
+                format_summary_table(summary),
+            )
 
-    def results_dir(self) -> Path:
-        """The run directory: the logger's version folder, or ``default_root_dir`` without one."""
-        directory = run_dir(self.trainer)
-        directory.mkdir(parents=True, exist_ok=True)
-        return directory
-
-    def _write_test_results(self, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-        directory = self.results_dir()
-        json_path = next_free_path(directory / "test_metrics.json")
-        json_path.write_text(json.dumps(summary, indent=2))
-        csv_path = next_free_path(directory / "test_cases.csv")
-        class_names = summary["class_names"]
-        with csv_path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            header = ["case_id"]
-            for c, name in class_names.items():
-                header += [f"dice_{name}", f"hd95_{name}", f"asd_{name}", f"status_{name}"]
-            writer.writerow(header)
-            for row in rows:
-                line = [row["case_id"]]
-                for c in class_names:
-                    m = row["metrics"][c]
-                    line += [f"{m['dice']:.6f}", f"{m['hd95']:.6f}", f"{m['asd']:.6f}", m["status"]]
-                writer.writerow(line)
-        rank_zero_info(format_summary_table(summary))
-        rank_zero_info(f"wrote {json_path} and {csv_path}")
-
-    # -- prediction --------------------------------------------------------------------------------------
+    # -- prediction ------------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        prediction = predict_volume(
-            self.inference_network(), batch["image"], batch["input_size"], self.hparams.eval_slice_batch_size
-        )
         return {
             "case_id": batch["case_id"],
             "index": batch["index"],
-            "prediction": prediction.to(torch.uint8).cpu().numpy(),
+            "prediction": self._predict(batch).to(torch.uint8).cpu().numpy(),
         }
 
 
-def format_summary_table(summary: dict[str, Any]) -> str:
-    """A plain-text table of per-class and mean Dice / HD95 / ASD (mean +- std over volumes)."""
-    unit = ", ".join(v for v in (summary.get("distance_convention"), summary.get("distance_unit")) if v)
-    lines = [
-        f"{'class':<8} {'Dice':>16} {'HD95 (' + unit + ')':>20} {'ASD (' + unit + ')':>20} {'missed':>7}",
-    ]
-    for name, values in summary["per_class"].items():
-        cells = [f"{values[m + '_mean']:.4f} +- {values[m + '_std']:.4f}" for m in ("dice", "hd95", "asd")]
-        lines.append(f"{name:<8} {cells[0]:>16} {cells[1]:>20} {cells[2]:>20} {values['missed']:>7}")
-    mean = [f"{summary['mean'][m]:.4f}" for m in ("dice", "hd95", "asd")]
-    lines.append(f"{'mean':<8} {mean[0]:>16} {mean[1]:>20} {mean[2]:>20} {summary['missed']:>7}")
-    return "\n".join(lines)
-
-
-class EMATeacherMixin:
-    """The EMA-teacher mechanics shared by every teacher-student method, semantic or instance.
-
-    :meth:`init_ema_teacher` deep-copies ``self.student`` (after the method's heads are added)
-    into ``self.ema_teacher``, which never receives gradients and stays in eval mode; the
-    :class:`~kdseg.callbacks.ema.EMATeacher` callback is added by :meth:`configure_callbacks`, so
-    no config can forget it; ``eval_network`` picks the network evaluated.
-    """
-
-    def init_ema_teacher(self, ema_decay: float, eval_network: str) -> None:
-        if eval_network not in ("student", "teacher"):
-            raise ValueError(f"eval_network must be 'student' or 'teacher', got {eval_network!r}")
-        self.ema_decay = ema_decay
-        self.eval_network = eval_network
-        self.ema_teacher = copy.deepcopy(self.student)
-        self.ema_teacher.requires_grad_(False)
-        self.ema_teacher.eval()
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        return [*super().configure_callbacks(), EMATeacher(decay=self.ema_decay)]
-
-    def train(self, mode: bool = True):  # type: ignore[no-untyped-def]
-        super().train(mode)
-        self.ema_teacher.eval()  # Lightning switches every submodule to train mode: not the teacher
-        return self
-
-    def inference_network(self) -> nn.Module:
-        return self.ema_teacher if self.eval_network == "teacher" else self.student
-
-
 class TeacherStudentMethod(EMATeacherMixin, SegmentationMethod):
-    """The teacher-student core: a student and an EMA teacher of the same architecture.
-
-    The teacher is a deep copy of the student made after the method has added its heads
-    (:meth:`add_heads`), so both have the same modules. It never receives gradients
-    (``requires_grad=False``, excluded from the optimizer), stays in eval mode, and is updated
-    by the :class:`~kdseg.callbacks.ema.EMATeacher` callback that the method adds itself. It is a
-    submodule, so checkpoints hold it and ``--ckpt_path`` resumes it exactly.
+    """The teacher-student core: a U-Net student and an EMA teacher of the same architecture
+    (see :class:`~kdseg.methods.method.EMATeacherMixin`), a deep copy of the student made after
+    the method's :meth:`configure_heads`, so both have the same modules.
 
     Args:
         ema_decay: EMA decay after warm-up.
@@ -395,13 +210,3 @@ class TeacherStudentMethod(EMATeacherMixin, SegmentationMethod):
 
     def __init__(self, ema_decay: float = 0.99, eval_network: str = "student", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.add_heads(self.student)
-        self.init_ema_teacher(ema_decay, eval_network)
-
-    def add_heads(self, network: SegmentationNetwork) -> None:
-        """Hook: register the method's extra heads on the student (the teacher copies them)."""
-
-    @torch.no_grad()
-    def teacher_forward(self, image: Tensor) -> NetworkOutput:
-        """The teacher's output, computed without a graph."""
-        return self.ema_teacher(image)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from kdseg.losses.pseudo_label import dmpls_loss
 from kdseg.losses.segmentation import partial_cross_entropy
 from kdseg.methods.base import SegmentationMethod
-from kdseg.networks.unet import run_unet_decoder
+from kdseg.networks.unet import SegmentationNetwork, run_unet_decoder
 
 
 class AuxiliaryDecoder(nn.Module):
@@ -59,12 +59,16 @@ class DMPLS(SegmentationMethod):
     def __init__(self, pseudo_weight: float = 0.5, aux_dropout: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pseudo_weight = pseudo_weight
-        unet = self.student.unet
-        aux = AuxiliaryDecoder(copy.deepcopy(unet.decoder), copy.deepcopy(unet.segmentation_head), aux_dropout)
+
+    def configure_heads(self, network: SegmentationNetwork) -> None:
+        unet = network.unet
+        aux = AuxiliaryDecoder(
+            copy.deepcopy(unet.decoder), copy.deepcopy(unet.segmentation_head), self.hparams.aux_dropout
+        )
         # Own weights, initialised the way smp initialises the main branch (not a copy of it).
         smp_init.initialize_decoder(aux.decoder)
         smp_init.initialize_head(aux.head)
-        self.student.add_head("aux_decoder", aux)
+        network.add_head("aux_decoder", aux)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         labeled = batch["labeled"]

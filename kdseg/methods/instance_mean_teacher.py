@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdseg.methods.instance_base import InstanceTeacherStudentMethod, roi_class_logits
+from kdseg.methods.instance_base import InstanceTeacherStudentMethod
+from kdseg.networks.mask_rcnn import roi_class_logits
 
 
 class InstanceMeanTeacher(InstanceTeacherStudentMethod):

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from kdseg.data.augment import clipped_gaussian_noise
-from kdseg.losses.segmentation import ce_dice_loss, sigmoid_rampup, softmax_mse
+from kdseg.losses.segmentation import ce_dice_loss, softmax_mse
 from kdseg.methods.base import TeacherStudentMethod
+from kdseg.schedules import sigmoid_rampup
 
 
 class MeanTeacher(TeacherStudentMethod):

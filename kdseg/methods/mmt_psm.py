@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from kdseg.losses.mgd import foreground_masks_per_level, mask_guided_feature_distillation
 from kdseg.losses.psm import perturbation_sensitivity, psm_distillation_loss, select_sensitive_negatives
-from kdseg.methods.instance_base import NUM_FPN_LEVELS, InstanceTeacherStudentMethod, roi_class_logits
+from kdseg.methods.instance_base import InstanceTeacherStudentMethod
+from kdseg.networks.mask_rcnn import NUM_FPN_LEVELS, roi_class_logits
 
 
 def make_adaptors(in_channels: int, out_channels: int, num_levels: int = NUM_FPN_LEVELS) -> nn.ModuleList:
@@ -60,7 +61,7 @@ class MMTPSM(InstanceTeacherStudentMethod):
        pooled there at the shared RoIs and mirrored before the box head, which is exactly the
        mirrored RoI in the flipped image (mirroring the boxes instead would be off by one feature
        cell, torchvision's RoIAlign being ``aligned=False``; see
-       :func:`~kdseg.methods.instance_base.roi_class_logits`). The flipped-back features also
+       :func:`~kdseg.networks.mask_rcnn.roi_class_logits`). The flipped-back features also
        serve MGD (cell-exact on the pooled levels; the max-pooled 5th level is exact when its
        input width is odd, otherwise off by one cell). The student sees one further perturbed,
        unflipped view.
@@ -135,7 +136,7 @@ class MMTPSM(InstanceTeacherStudentMethod):
         self.mgd_weight = mgd_weight
         self.mgd_mask_gate = mgd_mask_gate
 
-    def add_heads(self, detector: nn.Module) -> None:
+    def configure_heads(self, detector: nn.Module) -> None:
         """The MGD adaptors, one per FPN level, as ``detector.mgd_adaptors`` (EMA'd with the rest)."""
         fpn_channels = self.detector_config.fpn_channels
         out_channels = self.hparams.get("adaptor_channels") or max(fpn_channels // 2, 1)

@@ -70,9 +70,10 @@ from torch import Tensor, nn
 from kdseg.data.augment import clipped_gaussian_noise
 from kdseg.losses.contrastive import prototype_infonce_loss
 from kdseg.losses.distillation import feature_kd_loss, multiscale_kd_loss
-from kdseg.losses.segmentation import partial_cross_entropy, sigmoid_rampup
+from kdseg.losses.segmentation import partial_cross_entropy
 from kdseg.methods.base import TeacherStudentMethod
 from kdseg.networks.unet import NetworkOutput, SegmentationNetwork
+from kdseg.schedules import sigmoid_rampup
 
 
 def deep_supervision_logits(network: SegmentationNetwork, output: NetworkOutput, scales: Sequence[int]) -> list[Tensor]:
@@ -134,11 +135,12 @@ class ScribSDPlus(TeacherStudentMethod):
         feature_kd_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        self.kd_scales = [int(s) for s in kd_scales]
-        if not self.kd_scales or self.kd_scales[0] != 1 or any(s & (s - 1) for s in self.kd_scales):
+        scales = [int(s) for s in kd_scales]
+        if not scales or scales[0] != 1 or any(s & (s - 1) for s in scales):
             raise ValueError(f"kd_scales must start with 1 and hold powers of 2, got {kd_scales}")
-        self.projection_dim = projection_dim
         super().__init__(**kwargs)
+        self.kd_scales = scales
+        self.projection_dim = projection_dim
         depth = len(self.student.decoder_channels)
         if max(self.kd_scales) >= 2**depth:
             raise ValueError(f"kd_scales {kd_scales} need a decoder deeper than {depth} blocks")
@@ -164,9 +166,9 @@ class ScribSDPlus(TeacherStudentMethod):
         self.noise_on = noise_on
         self.feature_kd_weight = feature_kd_weight
 
-    def add_heads(self, network: SegmentationNetwork) -> None:
+    def configure_heads(self, network: SegmentationNetwork) -> None:
         channels = network.decoder_channels  # coarsest first
-        for scale in self.kd_scales[1:]:
+        for scale in [int(s) for s in self.hparams.kd_scales[1:]]:
             in_channels = channels[len(channels) - 1 - int(scale).bit_length() + 1]
             network.add_head(f"ds_{scale}", nn.Conv2d(in_channels, network.num_classes, kernel_size=1))
         network.add_head(
@@ -175,7 +177,7 @@ class ScribSDPlus(TeacherStudentMethod):
                 nn.Conv2d(channels[-1], channels[-1], 3, padding=1, bias=False),
                 nn.BatchNorm2d(channels[-1]),
                 nn.ReLU(inplace=True),
-                nn.Conv2d(channels[-1], self.projection_dim, 1),
+                nn.Conv2d(channels[-1], self.hparams.projection_dim, 1),
             ),
         )
 

@@ -14,9 +14,9 @@ from kdseg.losses.uncertainty import (
     encoder_dropout_logits,
     masked_softmax_mse,
     noisy_teacher_passes,
-    uncertainty_threshold,
 )
 from kdseg.methods.mean_teacher import MeanTeacher
+from kdseg.schedules import uncertainty_threshold
 
 __all__ = ["UncertaintyAwareMeanTeacher"]
 

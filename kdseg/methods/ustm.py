@@ -11,14 +11,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdseg.losses.segmentation import partial_cross_entropy, sigmoid_rampup
+from kdseg.losses.segmentation import partial_cross_entropy
 from kdseg.losses.uncertainty import (
     encoder_dropout_logits,
     masked_softmax_mse,
     noisy_teacher_passes,
-    uncertainty_threshold,
 )
 from kdseg.methods.base import TeacherStudentMethod
+from kdseg.schedules import sigmoid_rampup, uncertainty_threshold
 
 
 class USTM(TeacherStudentMethod):

@@ -253,7 +253,7 @@ def _prediction_panel(found: Path | str, filename: str, read: Callable[[Path], t
 
 def _instance_panels(setting: Setting, methods: list[tuple[str, RunResult]], cache_dir: Path,
                      warn: Callable[[str], None]) -> tuple[list[str], list[list[Any]]]:
-    from kdseg.methods.instance_base import overlay_instances, safe_name
+    from kdseg.callbacks.instance_prediction_writer import overlay_instances, safe_name
 
     first = methods[0][1]
     config, _ = _run_config(first)
