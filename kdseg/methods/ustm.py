@@ -97,6 +97,6 @@ class USTM(TeacherStudentMethod):
 
         weight = self.consistency_weight * sigmoid_rampup(self.global_step, self.consistency_rampup_steps)
         loss = L_pce + weight * L_tc
-        self.log_dict({"train/loss": loss, "train/pce": L_pce, "train/consistency": L_tc,
+        self.log_dict({"train/loss": loss, "train/L_pce": L_pce, "train/L_tc": L_tc,
                        "train/certain_fraction": mask.mean(), "train/consistency_weight": weight})
         return loss
