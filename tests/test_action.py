@@ -16,6 +16,7 @@ from test_cli import PHANTOM_TINY_DATA, tiny_overrides
 
 from kdseg.cli import main
 from kdseg.data.augment import StrongPerturbation
+from kdseg.losses.confidence_weighted_ce import confidence_weighted_cross_entropy
 from kdseg.methods.action import (
     HEAD_GLOBAL_PROJECTION,
     HEAD_LOCAL_PROJECTION,
@@ -24,7 +25,6 @@ from kdseg.methods.action import (
     ActionGlobalDistillation,
     ActionLocalDistillation,
     RepresentationHead,
-    confidence_weighted_cross_entropy,
 )
 from kdseg.methods.base import NetworkConfig
 from kdseg.losses.uncertainty import masked_softmax_mse, predictive_entropy

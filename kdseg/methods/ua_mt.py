@@ -1,5 +1,24 @@
-"""``ua_mt``: Uncertainty-Aware Mean Teacher, Yu et al. (MICCAI 2019), as in SSL4MIS
-``train_uncertainty_aware_mean_teacher_2D``."""
+"""``ua_mt``: Uncertainty-Aware Mean Teacher, Yu, Wang, Li, Fu, Heng, "Uncertainty-aware
+Self-ensembling Model for Semi-supervised 3D Left Atrium Segmentation", MICCAI 2019, in 2D as
+SSL4MIS ``code/train_uncertainty_aware_mean_teacher_2D.py``.
+
+Loss::
+
+    L = L_sup + w(t) * L_cons,   L_cons = masked_softmax_mse(student(u), teacher(u + noise), U < H(t))
+    H(t) = (0.75 + 0.25 * sigmoid_rampup(t, threshold_rampup_steps)) * H_max
+
+``U`` is the predictive entropy of the mean of ``mc_passes`` (T = 8) noisy, dropout-active
+teacher passes; ``L_sup`` and ``w(t)`` as :mod:`kdseg.methods.mean_teacher`.
+
+Departures and choices (each with its reason):
+
+- Dropout at SSL4MIS's encoder rates on the smp encoder's stage outputs: smp's encoder has no dropout of its own.
+- The teacher keeps eval-mode BatchNorm, as every kdseg teacher (SSL4MIS never puts it in eval mode).
+- The T passes and the target pass run as one batched forward of ``(T + 1) * B`` images: one forward instead of T + 1.
+- ``H_max = ln 2`` as SSL4MIS's 2D script although ACDC has 4 classes: ``ln 4`` would mask almost nothing
+  (``experiments/results/notes/uncertainty_teachers.md``); ``max_entropy: null`` gives ``ln(num_classes)``.
+- The threshold ramps over ``threshold_rampup_steps`` (SSL4MIS: the run length, ``max_iterations``).
+"""
 
 from __future__ import annotations
 
@@ -22,37 +41,8 @@ __all__ = ["UncertaintyAwareMeanTeacher"]
 
 
 class UncertaintyAwareMeanTeacher(MeanTeacher):
-    """``L = L_sup + w(t) * L_cons``, ``L_cons = masked_softmax_mse(student(u), teacher(u + noise), U < H(t))``.
-
-    As :class:`~kdseg.methods.mean_teacher.MeanTeacher` (same supervised loss, teacher input
-    noise, consistency weight ramp ``w(t)``), but the consistency only counts pixels where the
-    teacher is certain: the teacher segments ``mc_passes`` (T = 8) noisy copies of the unlabeled
-    batch with its encoder dropout active, the predictive entropy ``U`` of their mean probability
-    is the uncertainty, and pixels with
-    ``U >= H(t) = (0.75 + 0.25 * sigmoid_rampup(t, threshold_rampup_steps)) * H_max`` are
-    masked out (the threshold rises from 75% to 100% of ``H_max``, so more pixels join over time).
-
-    Reference: SSL4MIS ``code/train_uncertainty_aware_mean_teacher_2D.py``. Its EMA teacher is
-    never switched to eval mode, so the dropout of its ``UNet`` encoder (``code/networks/unet.py``)
-    is active in all T passes and in the target pass; the threshold is ``(0.75 + 0.25 *
-    sigmoid_rampup(iter_num, max_iterations)) * np.log(2)``.
-
-    Choices (each with its reason):
-
-    - Stochasticity as SSL4MIS: Gaussian input noise ``clamp(N(0, noise_std^2), -noise_clip,
-      noise_clip)`` plus element-wise dropout at SSL4MIS's encoder rates
-      (:func:`~kdseg.losses.uncertainty.encoder_dropout_logits`; applied to the smp encoder's
-      stage outputs, as that encoder has no dropout). ``teacher_dropout: false`` leaves input
-      noise only. Departure: kdseg's teacher keeps eval-mode BatchNorm (running statistics), as
-      every kdseg teacher (:class:`~kdseg.methods.base.TeacherStudentMethod`).
-    - The T passes plus the consistency target (one more noisy pass, as in SSL4MIS) run as one
-      batched teacher forward of ``(T + 1) * B`` images.
-    - ``H_max = ln 2`` as SSL4MIS's 2D script (kept there from the binary 3D original) although
-      ACDC has 4 classes: with ``ln 4`` the threshold would start above ``ln 2`` and mask almost
-      nothing (``experiments/results/notes/uncertainty_teachers.md``). ``max_entropy: null``
-      gives ``ln(num_classes)``.
-    - The threshold ramp runs over ``threshold_rampup_steps`` (SSL4MIS: ``max_iterations``).
-    - The consistency is normalised as in SSL4MIS (:func:`~kdseg.losses.uncertainty.masked_softmax_mse`).
+    """UA-MT: :class:`~kdseg.methods.mean_teacher.MeanTeacher` whose consistency counts only the
+    pixels where the teacher is certain, ``U < H(t)`` (see the module docstring).
 
     Args:
         mc_passes: T, the teacher's noisy passes for the uncertainty.
