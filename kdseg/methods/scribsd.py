@@ -11,10 +11,10 @@ Loss::
 - ``L_feature_kd``: mean squared difference of the channel-normalised decoder features of student
   and teacher, every decoder block, equal weights (:func:`~kdseg.losses.distillation.feature_kd_loss`).
 
-Departures (the paper's code is not public; each is an argument):
+Choices (no public code was found):
 
-- Views, temperature ``T = 2`` and the sigmoid ramp ``w(t)`` as ScribSD+ here (see there), so the
-  two methods differ only in their regularizers.
+- Feature KD on every decoder block with equal weights: kdseg's choice, no weights being known.
+- Input noise, ``T = 2`` and the sigmoid ramp ``w(t)`` as kdseg's ScribSD+: the two then differ only in their regularizers.
 """
 
 from __future__ import annotations

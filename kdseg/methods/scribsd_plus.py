@@ -12,7 +12,7 @@ Loss::
 - ``L_contrast``: InfoNCE of pixel embeddings against class prototypes; classes from the scribbles
   where annotated, from confident teacher predictions elsewhere.
 
-Departures (the paper's full text and code are not public; each is an argument):
+Choices (the paper's full text and code were not available; each is an argument):
 
 - Deep-supervision heads are 1x1 convolutions at 1/2, 1/4, 1/8: they keep the decoder shared (< 1k parameters a scale).
 - Scale weights ``a_s = 1 / s``: blurrier coarse predictions should not dominate the full-resolution one.
