@@ -236,7 +236,7 @@ def bench_one(
     if family == "instance":
         result["last_step_logs"] = {k: float(v) for k, v in logged.items()}
         result["pseudo_label_score"] = getattr(model, "pseudo_label_score", None)
-        if isinstance(model, InstanceTeacherStudentMethod) and "train/unlabeled" not in logged:
+        if isinstance(model, InstanceTeacherStudentMethod) and "train/L_unlabeled" not in logged:
             raise RuntimeError(f"{config}: the unlabeled loss did not run in the timed steps")
         # Inference throughput: images per second through the evaluated detector in eval mode.
         pool = [s.image for s in data.val_samples + data.test_samples + data.labeled_samples]

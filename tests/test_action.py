@@ -16,6 +16,7 @@ from test_cli import PHANTOM_TINY_DATA, tiny_overrides
 
 from kdseg.cli import main
 from kdseg.data.augment import StrongPerturbation
+from kdseg.losses.confidence_weighted_ce import confidence_weighted_cross_entropy
 from kdseg.methods.action import (
     HEAD_GLOBAL_PROJECTION,
     HEAD_LOCAL_PROJECTION,
@@ -23,7 +24,6 @@ from kdseg.methods.action import (
     ActionAnatomicalContrast,
     ActionGlobalDistillation,
     ActionLocalDistillation,
-    confidence_weighted_cross_entropy,
 )
 from kdseg.methods.base import NetworkConfig
 from kdseg.networks.projection_heads import RepresentationHead
@@ -43,7 +43,7 @@ LOGGED = {
     "action_no_stage2": {"train/L_sup", "train/L_unsup", "train/L_anco"},
     "action_no_anco": {"train/L_sup", "train/L_unsup", "train/L_anco"},
     "action_no_unsup": {"train/L_sup", "train/L_unsup", "train/L_anco"},
-    "ua_mt": {"train/supervised", "train/consistency", "train/uncertainty_threshold"},
+    "ua_mt": {"train/L_sup", "train/L_cons", "train/uncertainty_threshold"},
 }
 TINY = NetworkConfig(encoder_depth=3, decoder_channels=[32, 16, 8])
 CHAIN = REPO / "experiments" / "acdc" / "run_action_chain.sh"
@@ -127,7 +127,7 @@ def _toy_batch(n: int = 2, size: int = 32) -> dict:
         (ActionGlobalDistillation, {}),
         (ActionLocalDistillation, {"global_weight": 1.0}),
         (ActionAnatomicalContrast, {}),
-        (UncertaintyAwareMeanTeacher, {"mc_samples": 2}),
+        (UncertaintyAwareMeanTeacher, {"mc_passes": 2}),
     ],
     ids=["stage1", "stage2", "stage3", "ua_mt"],
 )
@@ -202,7 +202,7 @@ def test_ua_mt_masks_out_uncertain_pixels() -> None:
     assert entropy[0, 0, 0, 2] == pytest.approx(math.log(c), abs=1e-4)
 
     # H_max = ln 2 whatever C is (SSL4MIS train_uncertainty_aware_mean_teacher_2D.py: np.log(2)).
-    model = UncertaintyAwareMeanTeacher(network=TINY, uncertainty_rampup_steps=100)
+    model = UncertaintyAwareMeanTeacher(network=TINY, threshold_rampup_steps=100)
     assert model.uncertainty_threshold_at(0) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(2))
     assert model.uncertainty_threshold_at(100) == pytest.approx(math.log(2))
     mask = (entropy < model.uncertainty_threshold_at(0)).float()
@@ -220,7 +220,7 @@ def test_ua_mt_masks_out_uncertain_pixels() -> None:
 
 def test_ua_mt_batched_teacher_passes_without_noise_give_the_plain_entropy() -> None:
     torch.manual_seed(0)
-    model = UncertaintyAwareMeanTeacher(network=TINY, noise_std=0.0, mc_samples=3, teacher_dropout=False)
+    model = UncertaintyAwareMeanTeacher(network=TINY, noise_std=0.0, mc_passes=3, teacher_dropout=False)
     image = torch.rand(2, 1, 32, 32)
     logits, uncertainty = model.teacher_with_uncertainty(image)
     expected_logits = model.teacher_forward(image).logits

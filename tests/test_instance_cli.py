@@ -132,9 +132,9 @@ def test_every_instance_config_fast_dev_run(config: Path, tiny_isbi: tuple[Path,
     assert 0.0 <= float(metrics["val/aji_mean"]) <= 1.0
     if "ema_decay" in text:  # teacher-student: the unlabeled losses really ran
         assert float(metrics["train/unlabeled_weight"]) > 0
-        assert "train/unlabeled" in metrics and float(metrics["train/pseudo_labels"]) > 0
+        assert "train/L_unlabeled" in metrics and float(metrics["train/pseudo_labels"]) > 0
     if "MMTPSM" in text:
-        assert ("mgd_weight: 0.0" in text) == (float(metrics["train/mgd"]) == 0.0)
+        assert ("mgd_weight: 0.0" in text) == (float(metrics["train/L_mgd"]) == 0.0)
 
 
 def test_fit_test_predict_roundtrip_and_nothing_overwritten(in_tmp_cwd: Path) -> None:

@@ -199,7 +199,7 @@ def test_teacher_gets_no_gradient_in_a_manual_training_step(tiny_batch):
         assert targets.num_pseudo_labels > 0 and targets.foreground.any()
         term, logs = model.unlabeled_loss(tiny_batch["unlabeled"])
         assert float(logs["train/positive_rois"]) > 0 and float(logs["train/mined_negatives"]) > 0
-        assert torch.isfinite(logs["train/psm"]) and torch.isfinite(logs["train/mgd"]) and float(logs["train/mgd"]) > 0
+        assert torch.isfinite(logs["train/L_psm"]) and torch.isfinite(logs["train/L_mgd"]) and float(logs["train/L_mgd"]) > 0
         loss = model.training_step(tiny_batch, 0)
     assert torch.isfinite(loss)
     optimizer.zero_grad()
@@ -216,7 +216,7 @@ def test_teacher_gets_no_gradient_in_a_manual_training_step(tiny_batch):
 
 
 def test_warmup_and_no_pseudo_labels(tiny_batch):
-    model = MMTPSM(detector=TINY_DETECTOR, warmup_steps=10, rampup_steps=5, pseudo_label_score=1.01,
+    model = MMTPSM(detector=TINY_DETECTOR, warmup_steps=10, consistency_rampup_steps=5, pseudo_label_score=1.01,
                    adaptor_channels=8, num_views=1)
     assert model.unlabeled_weight(9) == 0.0
     assert 0 < model.unlabeled_weight(10) < model.unlabeled_weight(15) == pytest.approx(5.0)

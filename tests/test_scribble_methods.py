@@ -33,7 +33,7 @@ def grads_after_step(model, batch) -> tuple[list, list]:
 
 def test_scribsd_plus_teacher_gets_no_gradient_and_every_head_learns() -> None:
     torch.manual_seed(0)
-    model = ScribSDPlus(network=TINY4, rampup_steps=0, confidence_threshold=0.0)
+    model = ScribSDPlus(network=TINY4, consistency_rampup_steps=0, confidence_threshold=0.0)
     teacher_grads, _ = grads_after_step(model, scribble_batch())
     assert all(g is None for g in teacher_grads)
     assert all(not p.requires_grad for p in model.ema_teacher.parameters())
@@ -64,7 +64,7 @@ def test_input_noise_goes_only_to_the_named_network(monkeypatch, noise_on) -> No
     """The student is evaluated on clean slices, so by default only the teacher's view is noisy
     (as SSL4MIS's mean teacher); ``noise_on`` moves or removes the noise."""
     torch.manual_seed(0)
-    model = ScribSDPlus(network=TINY4, rampup_steps=0, noise_on=noise_on, noise_std=0.1)
+    model = ScribSDPlus(network=TINY4, consistency_rampup_steps=0, noise_on=noise_on, noise_std=0.1)
     batch = scribble_batch()
     seen = {}
     student_forward, teacher_forward = model.student.forward, model.teacher_forward
@@ -90,7 +90,7 @@ def test_sharpened_teacher_target_is_used(monkeypatch) -> None:
     real = module.multiscale_kd_loss
     monkeypatch.setattr(module, "multiscale_kd_loss",
                         lambda s, t, w, T, Tt=None: (calls.update(T=T, Tt=Tt), real(s, t, w, T, Tt))[1])
-    model = ScribSDPlus(network=TINY4, rampup_steps=0, kd_temperature=1.0, kd_teacher_temperature=0.5)
+    model = ScribSDPlus(network=TINY4, consistency_rampup_steps=0, kd_temperature=1.0, kd_teacher_temperature=0.5)
     monkeypatch.setattr(model, "log_dict", lambda *a, **k: None)
     model.training_step(scribble_batch(), 0)
     assert calls == {"T": 1.0, "Tt": 0.5}
@@ -100,17 +100,17 @@ def test_sharpened_teacher_target_is_used(monkeypatch) -> None:
 def test_ablation_switches_remove_their_terms(monkeypatch) -> None:
     logged = {}
     for name, kwargs in {"no_kd": dict(kd_weight=0.0), "no_contrast": dict(contrast_weight=0.0)}.items():
-        model = ScribSDPlus(network=TINY4, rampup_steps=0, **kwargs)
+        model = ScribSDPlus(network=TINY4, consistency_rampup_steps=0, **kwargs)
         monkeypatch.setattr(model, "log_dict", lambda d, **k: logged.__setitem__(name, set(d)))
         model.training_step(scribble_batch(), 0)
-    assert "train/kd" not in logged["no_kd"] and "train/contrast" in logged["no_kd"]
-    assert "train/contrast" not in logged["no_contrast"] and "train/kd" in logged["no_contrast"]
+    assert "train/L_kd" not in logged["no_kd"] and "train/L_contrast" in logged["no_kd"]
+    assert "train/L_contrast" not in logged["no_contrast"] and "train/L_kd" in logged["no_contrast"]
 
 
 def test_scribsd_is_the_workshop_configuration() -> None:
     model = ScribSD(network=TINY4)
-    assert model.kd_scales == [1] and model.contrast_weight == 0.0 and model.feature_kd_weight == 1.0
-    assert "ds_2" not in model.student.heads
+    assert (model.kd_weight, model.feature_kd_weight, model.kd_temperature) == (1.0, 1.0, 2.0)
+    assert len(model.student.heads) == 0  # no deep-supervision or projection heads: those are ScribSD+'s
     teacher_grads, _ = grads_after_step(model, scribble_batch())
     assert all(g is None for g in teacher_grads)
 

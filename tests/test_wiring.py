@@ -123,9 +123,9 @@ def test_mean_teacher_pairs_each_unlabeled_image_with_its_own_teacher_output(mon
     logs = identity_setup(model, monkeypatch)
     batch = dense_batch()
     loss = model.training_step(batch, 0)
-    assert value(logs["train/consistency"]) < ZERO
+    assert value(logs["train/L_cons"]) < ZERO
     torch.testing.assert_close(loss, ce_dice_loss(model.student(batch["labeled"]["image"]).logits,
-                                                  batch["labeled"]["target"]) + 0.1 * logs["train/consistency"])
+                                                  batch["labeled"]["target"]) + 0.1 * logs["train/L_cons"])
     with torch.no_grad():
         unlabeled = model.student(batch["unlabeled"]["image"]).logits
     assert value(softmax_mse(unlabeled, unlabeled.roll(1, 0))) > VISIBLE  # a permutation would show
@@ -141,11 +141,11 @@ def test_mean_teacher_teacher_gets_no_gradient(monkeypatch) -> None:
 def test_ua_mt_pairs_images_and_keeps_certain_pixels(monkeypatch) -> None:
     # teacher_dropout off: the teacher is then the student's exact copy (dropout: test_fidelity.py).
     model = UncertaintyAwareMeanTeacher(network=TINY4, noise_std=0.0, consistency_rampup_steps=0,
-                                        mc_samples=2, max_entropy=10.0, teacher_dropout=False)
+                                        mc_passes=2, max_entropy=10.0, teacher_dropout=False)
     logs = identity_setup(model, monkeypatch)
     model.training_step(dense_batch(), 0)
     assert value(logs["train/certain_fraction"]) == 1.0  # every pixel is below 0.75 * 10 nats
-    assert value(logs["train/consistency"]) < ZERO
+    assert value(logs["train/L_cons"]) < ZERO
     model.ema_teacher.requires_grad_(True)
     model.train()
     assert_teacher_gets_no_gradient(model, model.training_step(dense_batch(1), 0))
@@ -156,8 +156,8 @@ def test_ua_mt_loss_threshold_and_mask_by_hand(monkeypatch) -> None:
     entropy (about half the pixels certain): the mask, the masked consistency, the ramped weight
     ``0.1 exp(-5)`` and ``L = L_sup + w L_cons`` are checked by hand, and the teacher's input noise
     is clipped at the configured ``noise_clip``."""
-    model = UncertaintyAwareMeanTeacher(network=TINY4, noise_std=0.0, consistency_rampup_steps=100, mc_samples=2,
-                                        uncertainty_rampup_steps=0, teacher_dropout=False)
+    model = UncertaintyAwareMeanTeacher(network=TINY4, noise_std=0.0, consistency_rampup_steps=100, mc_passes=2,
+                                        threshold_rampup_steps=0, teacher_dropout=False)
     logs = identity_setup(model, monkeypatch)
     with torch.no_grad():  # a small move keeps the teacher's entropies spread (a large one saturates them)
         for q in model.ema_teacher.parameters():
@@ -177,10 +177,10 @@ def test_ua_mt_loss_threshold_and_mask_by_hand(monkeypatch) -> None:
     assert value(logs["train/uncertainty_threshold"]) == pytest.approx(model.max_entropy)
     consistency = (mask * (torch.softmax(s, 1) - p) ** 2).sum() / (2 * mask.sum())
     assert value(consistency) > VISIBLE
-    torch.testing.assert_close(logs["train/consistency"].detach(), consistency, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(logs["train/L_cons"].detach(), consistency, rtol=1e-4, atol=1e-7)
     weight = 0.1 * math.exp(-5.0)
     assert value(logs["train/consistency_weight"]) == pytest.approx(weight)
-    assert value(loss - logs["train/supervised"]) == pytest.approx(weight * value(consistency), rel=0.05)  # float32 loss ~ 1.4
+    assert value(loss - logs["train/L_sup"]) == pytest.approx(weight * value(consistency), rel=0.05)  # float32 loss ~ 1.4
     seen = []
     model.noise_std, model.noise_clip = 10.0, 0.05
     real = model.teacher_forward
@@ -194,13 +194,13 @@ def test_ua_mt_defaults_and_argument_checks() -> None:
     """SSL4MIS's UA-MT settings by default (8 passes, a 30000-step threshold ramp, teacher dropout);
     ``max_entropy=None`` is ``ln C``; one pass is allowed, none is not."""
     model = UncertaintyAwareMeanTeacher(network=TINY4)
-    assert (model.mc_samples, model.uncertainty_rampup_steps, model.teacher_dropout) == (8, 30000, True)
+    assert (model.mc_passes, model.threshold_rampup_steps, model.teacher_dropout) == (8, 30000, True)
     assert model.max_entropy == pytest.approx(math.log(2))
     assert UncertaintyAwareMeanTeacher(network=TINY4, max_entropy=None).max_entropy == pytest.approx(math.log(4))
     assert UncertaintyAwareMeanTeacher(network=TINY4, max_entropy=1.5).max_entropy == 1.5
-    assert UncertaintyAwareMeanTeacher(network=TINY4, mc_samples=1, teacher_dropout=False).teacher_dropout is False
-    with pytest.raises(ValueError, match="mc_samples must be >= 1, got 0"):
-        UncertaintyAwareMeanTeacher(network=TINY4, mc_samples=0)
+    assert UncertaintyAwareMeanTeacher(network=TINY4, mc_passes=1, teacher_dropout=False).teacher_dropout is False
+    with pytest.raises(ValueError, match="mc_passes must be >= 1, got 0"):
+        UncertaintyAwareMeanTeacher(network=TINY4, mc_passes=0)
 
 
 # --------------------------------------------------------------------------- USTM
@@ -229,7 +229,7 @@ def test_ustm_rotates_the_student_output_like_the_teacher_input(monkeypatch, k) 
     image = batch["labeled"]["image"]
     assert torch.equal(seen[0][: image.shape[0]], torch.rot90(image, k, dims=(2, 3)))  # the teacher sees rot_k
     assert value(logs["train/certain_fraction"]) == 1.0
-    assert value(logs["train/consistency"]) < ZERO
+    assert value(logs["train/L_tc"]) < ZERO
     with torch.no_grad():
         s = model.student(image).logits
     wrong = torch.softmax(torch.rot90(s, -k, dims=(2, 3)), 1) - torch.softmax(torch.rot90(s, k, dims=(2, 3)), 1)
@@ -265,7 +265,7 @@ def test_scribsd_plus_kd_equals_the_hand_computed_multiscale_kl(monkeypatch, tem
     coarse ones are not, so a lost ``T_t *`` on the coarse targets, swapped temperatures or a
     batch permutation of the teacher change the value."""
     scales = [1, 2, 4, 8]
-    model = ScribSDPlus(network=TINY4, rampup_steps=0, noise_on="none", contrast_weight=0.0,
+    model = ScribSDPlus(network=TINY4, consistency_rampup_steps=0, noise_on="none", contrast_weight=0.0,
                         kd_temperature=temperature, kd_teacher_temperature=teacher_temperature)
     logs = identity_setup(model, monkeypatch)
     batch = scribble_batch()
@@ -282,7 +282,7 @@ def test_scribsd_plus_kd_equals_the_hand_computed_multiscale_kl(monkeypatch, tem
         return sum(w * t for w, t in zip(weights, terms)) / sum(weights)
 
     expected = kd(teacher_probs)
-    torch.testing.assert_close(logs["train/kd"].detach(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(logs["train/L_kd"].detach(), expected, rtol=1e-5, atol=1e-7)
     pce = F.cross_entropy(z[0], scribble, ignore_index=4)
     torch.testing.assert_close(loss.detach(), pce + expected, rtol=1e-5, atol=1e-7)
     assert abs(value(kd(teacher_probs.roll(1, 0))) - value(expected)) > VISIBLE  # a permutation would show
@@ -293,7 +293,7 @@ def test_scribsd_plus_deep_supervision_pce_contrast_and_ramped_total_by_hand(mon
     projection with the configured temperature and pixel cap, and ``L = L_pce + r (w_kd L_kd +
     w_c L_c)`` with the ramp ``r = exp(-5)`` at step 0; the logged pixel fraction is the scribble's
     (the untrained teacher is never 0.9-confident)."""
-    model = ScribSDPlus(network=TINY4, kd_scales=[1, 2], rampup_steps=100, noise_on="none", ds_pce_weight=0.4,
+    model = ScribSDPlus(network=TINY4, kd_scales=[1, 2], consistency_rampup_steps=100, noise_on="none", ds_pce_weight=0.4,
                         kd_weight=0.7, contrast_weight=0.3, contrast_temperature=0.05, max_pixels_per_class=8)
     logs = identity_setup(model, monkeypatch)
     batch = scribble_batch()
@@ -307,14 +307,14 @@ def test_scribsd_plus_deep_supervision_pce_contrast_and_ramped_total_by_hand(mon
         pce = F.cross_entropy(z[0], scribble, ignore_index=4) + 0.4 * F.cross_entropy(up, scribble, ignore_index=4)
         torch.manual_seed(5)
         contrast = prototype_infonce_loss(embeddings, scribble, 4, 4, temperature=0.05, max_pixels_per_class=8)
-    torch.testing.assert_close(logs["train/pce"].detach(), pce, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(logs["train/contrast"].detach(), contrast, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(logs["train/L_pce"].detach(), pce, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(logs["train/L_contrast"].detach(), contrast, rtol=1e-6, atol=1e-7)
     assert value(logs["train/contrast_pixels"]) == pytest.approx(value((scribble != 4).float().mean()))
-    assert "train/feature_kd" not in logs
+    assert "train/L_feature_kd" not in logs
     ramp = math.exp(-5.0)
     assert value(logs["train/ramp"]) == pytest.approx(ramp)
-    expected = pce + ramp * (0.7 * logs["train/kd"].detach() + 0.3 * contrast)
-    assert value(ramp * (0.7 * logs["train/kd"] + 0.3 * contrast)) > 1e-4
+    expected = pce + ramp * (0.7 * logs["train/L_kd"].detach() + 0.3 * contrast)
+    assert value(ramp * (0.7 * logs["train/L_kd"] + 0.3 * contrast)) > 1e-4
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-7)
     assert logs["train/loss"] is loss
     with torch.no_grad():
@@ -324,21 +324,28 @@ def test_scribsd_plus_deep_supervision_pce_contrast_and_ramped_total_by_hand(mon
     assert abs(value(uncapped) - value(contrast)) > VISIBLE and abs(value(default_temperature) - value(uncapped)) > VISIBLE
 
 
-def test_scribsd_plus_feature_kd_enters_with_its_ramped_weight(monkeypatch) -> None:
-    """``L = L_pce + r (L_kd + w_f L_fkd)`` with the teacher moved off the student (``L_fkd > 0``)."""
-    model = ScribSDPlus(network=TINY4, rampup_steps=100, noise_on="none", contrast_weight=0.0, feature_kd_weight=0.5)
+def test_scribsd_kd_and_feature_kd_enter_with_their_ramped_weights(monkeypatch) -> None:
+    """ScribSD: ``L = L_pce + r (L_kd + w_f L_fkd)`` with the teacher moved off the student
+    (``L_fkd > 0``); ``L_kd`` is the full-resolution ``T^2 KL`` with ``T = 2``."""
+    model = ScribSD(network=TINY4, consistency_rampup_steps=100, noise_on="none", feature_kd_weight=0.5)
     logs = identity_setup(model, monkeypatch)
     perturb_teacher(model)
-    loss = model.training_step(scribble_batch(), 0)
+    batch = scribble_batch()
+    loss = model.training_step(batch, 0)
+    with torch.no_grad():
+        image = batch["labeled"]["image"]
+        expected_kd = kl_by_hand(torch.softmax(model.ema_teacher(image).logits / 2, dim=1), model.student(image).logits, 2.0)
+    torch.testing.assert_close(logs["train/L_kd"].detach(), expected_kd, rtol=1e-5, atol=1e-7)
+    assert value(expected_kd) > VISIBLE
     ramp = math.exp(-5.0)
-    assert value(logs["train/feature_kd"]) > VISIBLE
-    ramped = ramp * (logs["train/kd"] + 0.5 * logs["train/feature_kd"])
+    assert value(logs["train/L_feature_kd"]) > VISIBLE
+    ramped = ramp * (logs["train/L_kd"] + 0.5 * logs["train/L_feature_kd"])
     assert value(ramped) > 1e-4
-    torch.testing.assert_close(loss.detach(), (logs["train/pce"] + ramped).detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss.detach(), (logs["train/L_pce"] + ramped).detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_scribsd_plus_same_scale_target_and_contrast_map_come_from_the_same_images(monkeypatch) -> None:
-    model = ScribSDPlus(network=TINY4, rampup_steps=0, noise_on="none", kd_target="same_scale",
+    model = ScribSDPlus(network=TINY4, consistency_rampup_steps=0, noise_on="none", kd_target="same_scale",
                         confidence_threshold=0.0)
     logs = identity_setup(model, monkeypatch)
     seen = {}
@@ -347,7 +354,7 @@ def test_scribsd_plus_same_scale_target_and_contrast_map_come_from_the_same_imag
                         lambda scribble, teacher_logits: (seen.update(t=teacher_logits), real(scribble, teacher_logits))[1])
     batch = scribble_batch()
     model.training_step(batch, 0)
-    assert value(logs["train/kd"]) < ZERO  # every scale's head against the same head of the teacher
+    assert value(logs["train/L_kd"]) < ZERO  # every scale's head against the same head of the teacher
     with torch.no_grad():
         z = student_scales(model, batch["labeled"]["image"], [1, 2, 4, 8])
     torch.testing.assert_close(seen["t"], z[0])  # the contrast's pseudo-classes: the same images
@@ -355,11 +362,11 @@ def test_scribsd_plus_same_scale_target_and_contrast_map_come_from_the_same_imag
 
 
 def test_scribsd_feature_kd_pairs_each_image_with_itself(monkeypatch) -> None:
-    model = ScribSD(network=TINY4, rampup_steps=0, noise_on="none")
+    model = ScribSD(network=TINY4, consistency_rampup_steps=0, noise_on="none")
     logs = identity_setup(model, monkeypatch)
     batch = scribble_batch()
     loss = model.training_step(batch, 0)
-    assert value(logs["train/feature_kd"]) < ZERO and value(logs["train/kd"]) < ZERO
+    assert value(logs["train/L_feature_kd"]) < ZERO and value(logs["train/L_kd"]) < ZERO
     image, scribble = batch["labeled"]["image"], batch["labeled"]["target"]
     with torch.no_grad():
         out = model.student(image)
@@ -368,9 +375,9 @@ def test_scribsd_feature_kd_pairs_each_image_with_itself(monkeypatch) -> None:
     assert value(F.mse_loss(f, f.roll(1, 0))) > VISIBLE
 
 
-@pytest.mark.parametrize("cls", [ScribSDPlus, ScribSD])
-def test_scribsd_teacher_gets_no_gradient(monkeypatch, cls) -> None:
-    model = cls(network=TINY4, rampup_steps=0, confidence_threshold=0.0)
+@pytest.mark.parametrize("cls, kwargs", [(ScribSDPlus, {"confidence_threshold": 0.0}), (ScribSD, {})])
+def test_scribsd_teacher_gets_no_gradient(monkeypatch, cls, kwargs) -> None:
+    model = cls(network=TINY4, consistency_rampup_steps=0, **kwargs)
     capture_logs(model, monkeypatch)
     model.ema_teacher.requires_grad_(True)
     assert_teacher_gets_no_gradient(model, model.training_step(scribble_batch(), 0))
@@ -569,7 +576,7 @@ def test_instance_mean_teacher_pairs_each_roi_with_itself(monkeypatch, unlabeled
     calls: list = []
     spy(monkeypatch, instance_mean_teacher, "roi_class_logits", calls)
     term, logs = model.unlabeled_loss(unlabeled_cells)
-    assert value(term) < ZERO and value(logs["train/consistency"]) < ZERO
+    assert value(term) < ZERO and value(logs["train/L_cons"]) < ZERO
     assert calls[0][0] is model.ema_teacher and calls[1][0] is model.student
     with torch.no_grad():
         student = mask_rcnn.roi_class_logits(*calls[1])
@@ -611,7 +618,7 @@ def test_instance_mean_teacher_consistency_and_counts_by_hand(monkeypatch, unlab
         expected = ((torch.softmax(student, -1) - torch.softmax(teacher, -1)) ** 2).mean()
         assert value(expected) > VISIBLE
         torch.testing.assert_close(term.detach(), expected)
-    torch.testing.assert_close(logs["train/consistency"], term.detach())
+    torch.testing.assert_close(logs["train/L_cons"], term.detach())
     labels = torch.cat(seen[0].roi_labels)
     assert logs["train/pseudo_labels"] == seen[0].num_pseudo_labels > 0
     assert logs["train/positive_rois"] == int((labels > 0).sum())
@@ -630,7 +637,7 @@ def test_mmt_psm_pairs_each_roi_with_itself(monkeypatch, unlabeled_cells) -> Non
     student, stacked = calls[0][0], calls[0][1]
     assert stacked.shape[0] == 1 and student.shape[0] >= 2
     torch.testing.assert_close(stacked[0], student.detach())
-    assert value(logs["train/mgd"]) < ZERO
+    assert value(logs["train/L_mgd"]) < ZERO
     p = torch.softmax(student.detach(), -1)
     assert value(((p - p.roll(1, 0)) ** 2).sum()) > VISIBLE
 
@@ -703,7 +710,7 @@ def test_dmpls_mixes_the_two_branches_of_the_same_images(monkeypatch) -> None:
         main = model.student(batch["labeled"]["image"]).logits
     probs = torch.softmax(main, dim=1)
     pls = soft_dice_loss(probs, probs.argmax(dim=1), squared_pred=True)
-    torch.testing.assert_close(logs["train/pseudo_label"].detach(), pls)
+    torch.testing.assert_close(logs["train/L_pls"].detach(), pls)
     pce = F.cross_entropy(main, batch["labeled"]["target"], ignore_index=4)
     torch.testing.assert_close(loss.detach(), pce + 0.5 * pls)
     mixed = (0.5 * probs + 0.5 * probs.roll(1, 0)).argmax(dim=1)
@@ -727,18 +734,18 @@ def test_consistency_enters_the_loss_with_its_ramped_weight(monkeypatch, method)
     w_max 0.1 for Mean Teacher as SSL4MIS, 1.0 for USTM as WSL4MIS)."""
     if method == "mean_teacher":
         model, batch = MeanTeacher(network=TINY4, noise_std=0.0, consistency_rampup_steps=100), dense_batch()
-        supervised_key = "train/supervised"
+        keys = ("train/L_sup", "train/L_cons")
     else:
         model = USTM(network=TINY4, mc_passes=2, noise_std=0.0, consistency_rampup_steps=100, max_entropy=10.0,
                      teacher_dropout=False)
-        batch, supervised_key = scribble_batch(), "train/pce"
+        batch, keys = scribble_batch(), ("train/L_pce", "train/L_tc")
     logs = identity_setup(model, monkeypatch)
     perturb_teacher(model)
     loss = model.training_step(batch, 0)
     weight = {"mean_teacher": 0.1, "ustm": 1.0}[method] * math.exp(-5.0)
     assert value(logs["train/consistency_weight"]) == pytest.approx(weight)
-    assert value(logs["train/consistency"]) > VISIBLE
-    torch.testing.assert_close(loss.detach(), (logs[supervised_key] + weight * logs["train/consistency"]).detach())
+    assert value(logs[keys[1]]) > VISIBLE
+    torch.testing.assert_close(loss.detach(), (logs[keys[0]] + weight * logs[keys[1]]).detach())
 
 
 def test_ustm_certain_pixels_follow_the_ramped_threshold_and_the_noise_is_clipped(monkeypatch) -> None:

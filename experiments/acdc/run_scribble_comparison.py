@@ -27,11 +27,11 @@ VAL_EVERY = 500  # trainer.val_check_interval of PROFILE
 
 #: ramp-up lengths at the CPU budget (the full-protocol configs in experiments/acdc ramp over 20% / 100% of 60k steps).
 RAMPS = {
-    "scribsd_plus": ["--model.init_args.rampup_steps=300"],
-    "scribsd_plus_no_kd": ["--model.init_args.rampup_steps=300"],
-    "scribsd_plus_no_contrast": ["--model.init_args.rampup_steps=300"],
-    "scribsd_plus_single_scale_kd": ["--model.init_args.rampup_steps=300"],
-    "scribsd": ["--model.init_args.rampup_steps=300"],
+    "scribsd_plus": ["--model.init_args.consistency_rampup_steps=300"],
+    "scribsd_plus_no_kd": ["--model.init_args.consistency_rampup_steps=300"],
+    "scribsd_plus_no_contrast": ["--model.init_args.consistency_rampup_steps=300"],
+    "scribsd_plus_single_scale_kd": ["--model.init_args.consistency_rampup_steps=300"],
+    "scribsd": ["--model.init_args.consistency_rampup_steps=300"],
     "ustm": ["--model.init_args.consistency_rampup_steps=1500", "--model.init_args.threshold_rampup_steps=1500"],
 }
 

@@ -127,7 +127,7 @@ def probe_gradient_norms(model: Any, datamodule: Any, batches: int) -> list[dict
             psm_only, _ = model.unlabeled_loss(batch["unlabeled"])
             model.mgd_weight = w_mgd
             rows.append({
-                "L_sup": float(supervised.detach()), "L_psm": float(logs["train/psm"]), "L_mgd": float(logs["train/mgd"]),
+                "L_sup": float(supervised.detach()), "L_psm": float(logs["train/L_psm"]), "L_mgd": float(logs["train/L_mgd"]),
                 "grad_sup": norm(supervised), "grad_psm": norm(lam * psm_only), "grad_unlabeled": norm(lam * full),
             })
     finally:

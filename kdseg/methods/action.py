@@ -1,21 +1,39 @@
-"""``action``: ACTION, You, Dai, Min, Staib & Duncan, "Bootstrapping Semi-supervised Medical Image
+"""``action``: ACTION, You, Dai, Min, Staib, Duncan, "Bootstrapping Semi-supervised Medical Image
 Segmentation with Anatomical-Aware Contrastive Distillation", IPMI 2023 (arXiv 2206.02307).
 
-Three stages, one method class each; every stage is its own ``kdseg fit`` run that starts from the
-previous stage's checkpoint (``model.init_args.init_weights_from``; the chain is scripted in
-``experiments/acdc/run_action_chain.sh``):
+Three stages, one class each; each stage is its own ``kdseg fit`` run that starts from the previous
+stage's checkpoint (``model.init_args.init_weights_from``; ``experiments/reproduce/matrix.yaml``
+chains them)::
 
-1. :class:`ActionGlobalDistillation`: ``L_global``, contrastive distillation of one embedding per
-   unlabeled image (encoder bottleneck) against a memory bank of past teacher embeddings.
-2. :class:`ActionLocalDistillation`: ``L_sup + L_local``, the same distillation on per-pixel
-   embeddings of the finest decoder feature, plus the supervised loss.
-3. :class:`ActionAnatomicalContrast`: ``L_sup + L_unsup + w * L_anco``, pseudo-label training
-   with CutMix and the anatomical contrast over hard pixels of labeled and unlabeled images.
+    stage 1 (ActionGlobalDistillation)  L = L_global
+    stage 2 (ActionLocalDistillation)   L = L_sup + w_local * L_local (+ w_global * L_global)
+    stage 3 (ActionAnatomicalContrast)  L = L_sup + w_unsup * L_unsup + w_anco * L_anco
 
-Heads are registered on the network under fixed names (``HEAD_*`` below) that are the same in
-every stage that has them, so ``init_weights_from`` carries them from one stage to the next.
-Equation names (``L_global``, ``L_local``, ``L_sup``, ``L_unsup``, ``L_anco``) are also the
-logged metric names (``train/L_global`` ...).
+- ``L_global``, ``L_local``: ``mean_i KL(p_t(i) || p_s(i))``, ``p = softmax(cos(z_i, a_k) / tau)``
+  over a FIFO bank ``a_k`` of past teacher embeddings (of images, of pixels).
+- ``L_sup = (CE + Dice) / 2`` on the labeled images.
+- ``L_unsup``: cross-entropy to the teacher's pseudo-labels on a CutMix + colour view,
+  weighted by the teacher's confidence.
+- ``L_anco``: InfoNCE of hard pixel queries against their class prototype and sampled negatives.
+
+Departures from the released code (each with its reason; all are arguments or noted in the class):
+
+- Stage 1 ignores the labeled slices: it is pre-training on unlabeled images.
+- The teacher is the EMA of the student *including* its projection head (BYOL-style), not a separate untrained key head.
+- The student gets the strong view, the teacher the weak one: the usual distillation direction.
+- Projection MLPs are ``Linear-ReLU-Linear``: the released code's two linear layers collapse into one linear map.
+- The memory banks start empty (the first step's loss is 0): anchors are then always real teacher embeddings.
+- Stage 2 distils pixel embeddings against a bank of pixels (released: pooled logit patches) and
+  leaves ``L_global`` out (``global_weight: 0``; released ``k1 = 1``).
+- One student forward pass over labeled and unlabeled slices: shared BatchNorm statistics, as SSL4MIS.
+- ``L_unsup`` averages over all pixels (released: pixels with a non-zero loss): equal up to exact zeros.
+- AnCo's head starts with a 1x1 (not 3x3) convolution, 256 dimensions (ReCo's; released 512): see
+  :class:`RepresentationHead`.
+- The data module's weak rotation / flip stays on in every stage: one data module for all stages.
+
+Heads keep the same names (``HEAD_*``) in every stage, so ``init_weights_from`` carries them over;
+the loss terms are logged as ``train/L_global`` ... Details and history:
+``experiments/results/notes/action.md``.
 """
 
 from __future__ import annotations
@@ -28,6 +46,7 @@ from torch import Tensor, nn
 
 from kdseg.data.augment import StrongPerturbation, cutmix, random_erasing
 from kdseg.losses.anatomical_contrast import anatomical_contrast_loss
+from kdseg.losses.confidence_weighted_ce import confidence_weighted_cross_entropy
 from kdseg.losses.contrastive_distillation import (
     FeatureMemoryBank,
     contrastive_distillation_loss,
@@ -43,7 +62,6 @@ __all__ = [
     "ActionAnatomicalContrast",
     "ActionGlobalDistillation",
     "ActionLocalDistillation",
-    "confidence_weighted_cross_entropy",
 ]
 
 #: head names, shared across stages (``network.heads[...]``, ``student.heads.<name>.*`` in checkpoints).
@@ -54,37 +72,6 @@ HEAD_LOCAL_PREDICTOR = "local_predictor"
 HEAD_REPRESENTATION = "representation"
 
 
-# --------------------------------------------------------------------------------------------
-# losses used only here
-# --------------------------------------------------------------------------------------------
-def confidence_weighted_cross_entropy(
-    logits: Tensor, pseudo_label: Tensor, confidence: Tensor, threshold: float, weighting: str
-) -> Tensor:
-    """``L_unsup``: cross-entropy against pseudo-labels, weighted by the teacher's confidence.
-
-    Args:
-        logits: ``(B, C, H, W)`` student scores on the perturbed view.
-        pseudo_label: ``(B, H, W)`` long, the teacher's argmax (mixed like the images).
-        confidence: ``(B, H, W)`` the teacher's max probability (mixed like the images).
-        threshold: confidence a pixel needs to count as confident.
-        weighting: ``confident_fraction``: every pixel of image ``b`` is weighted by the fraction
-            of confident pixels of ``b`` (ReCo / the ACTION code); ``threshold``: only confident
-            pixels count (FixMatch), weight 1 each.
-
-    Returns:
-        ``mean_{b, p} w_{b,p} * CE_{b,p}`` over all pixels.
-    """
-    ce = F.cross_entropy(logits, pseudo_label, reduction="none")
-    confident = (confidence >= threshold).to(ce.dtype)
-    if weighting == "confident_fraction":
-        weight = confident.flatten(1).mean(dim=1)[:, None, None]
-    elif weighting == "threshold":
-        weight = confident
-    else:
-        raise ValueError(f"unsup_weighting must be 'confident_fraction' or 'threshold', got {weighting!r}")
-    return (weight * ce).mean()
-
-
 def _random_pixels(embeddings: Tensor, per_image: int) -> Tensor:
     """``per_image`` random pixel vectors of each image of ``(B, D, H, W)`` -> ``(B * per_image, D)``."""
     b, d, h, w = embeddings.shape
@@ -93,9 +80,6 @@ def _random_pixels(embeddings: Tensor, per_image: int) -> Tensor:
     return flat.gather(2, idx[:, None, :].expand(b, d, per_image)).permute(0, 2, 1).reshape(-1, d)
 
 
-# --------------------------------------------------------------------------------------------
-# stages 1 and 2: contrastive distillation
-# --------------------------------------------------------------------------------------------
 class _ContrastiveDistillation(TeacherStudentMethod):
     """Shared by stages 1 and 2: the global heads and bank, the temperatures and the student's
     strong view. See :class:`ActionGlobalDistillation` for the arguments."""
@@ -154,43 +138,18 @@ class _ContrastiveDistillation(TeacherStudentMethod):
 class ActionGlobalDistillation(_ContrastiveDistillation):
     """ACTION stage 1: ``L = L_global`` on unlabeled images only.
 
-    Each unlabeled image gives a weak view (as loaded, with the data module's geometric
-    augmentation) to the EMA teacher and a strong view (:class:`~kdseg.data.augment.
-    StrongPerturbation`, then cut-out with ``cutout_probability``) to the student. Both embed it:
-    encoder bottleneck -> global average pool -> projection MLP (head ``global_projection``); the
-    student adds a predictor MLP (head ``global_predictor``). With anchors ``a_k`` from the FIFO
-    memory bank of past teacher embeddings (``bank_size`` = 36)::
+    The EMA teacher embeds the weak view (as loaded), the student the strong one
+    (:class:`~kdseg.data.augment.StrongPerturbation`, then cut-out): encoder bottleneck, global
+    average pool, projection MLP (head ``global_projection``), plus a predictor MLP on the
+    student (head ``global_predictor``). The teacher's embeddings are enqueued after the loss.
 
-        p_t = softmax(cos(z_t, a_k) / tau_t),  p_s = softmax(cos(z_s, a_k) / tau_s)
-        L_global = mean_i KL(p_t(i) || p_s(i))      (tau_t = 0.01, tau_s = 0.1)
-
-    and this step's teacher embeddings are enqueued after the loss is computed.
-
-    Choices (each with its reason):
-
-    - Only the encoder and the global heads train: the decoder and segmentation head are frozen
-      (``requires_grad=False``) and never run, because ``L_global`` does not reach them (the
-      released code freezes them too, ``train_decoder=0``); this also keeps DDP free of unused
-      trainable parameters. The validation Dice of this stage is that of a random decoder and
-      means nothing, so stage 2 starts from this run's ``last.ckpt`` (the end of pre-training,
-      as the released code, which loads iteration 30000), not from its ``best-*.ckpt``.
-    - The labeled stream is ignored: stage 1 is pre-training on unlabeled images (kdseg's
-      choice; the released ``code/train_2D_pretrain.py`` samples labeled slices too).
-    - The teacher is the EMA of the student *including* the projection head (BYOL-style, as the
-      kdseg's choice); the released code instead keeps a separate, never-trained key head.
-      The teacher holds an (unused) copy of the predictor because it is a deep copy.
-    - Student strong / teacher weak (kdseg's choice, the usual distillation direction); the
-      released code's default
-      (``combinations=2``) perturbs the teacher's view instead.
-    - The MLPs are ``Linear-ReLU-Linear``; the released code's two linear layers have no
-      nonlinearity (they collapse into one linear map). Embedding size 512 as in the code.
-    - The bank starts empty (the first step's ``L_global`` is 0), so anchors are always real
-      teacher embeddings; the released code starts from random vectors.
-    - Iterations: 30k per stage as in the released code's ``train_2D.sh`` (set by the configs).
+    Only the encoder and the global heads train (the released code's ``train_decoder=0``); the
+    decoder never runs, so this stage's validation Dice means nothing and stage 2 starts from its
+    ``last.ckpt``.
 
     Args:
-        global_embedding_dim: size of the image embeddings.
-        bank_size: FIFO memory bank slots (36, ``--K 36`` in the released ``code/train_2D.sh``).
+        global_embedding_dim: size of the image embeddings (512).
+        bank_size: FIFO memory bank slots (36, the released ``--K 36``).
         student_temperature, teacher_temperature: tau_s, tau_t (0.1 / 0.01).
         cutout_probability: probability of one cut-out box on the student's view (0 = none).
         perturbation: the student's photometric perturbation.
@@ -218,26 +177,12 @@ class ActionGlobalDistillation(_ContrastiveDistillation):
 class ActionLocalDistillation(_ContrastiveDistillation):
     """ACTION stage 2: ``L = L_sup + local_weight * L_local + global_weight * L_global``.
 
-    ``L_sup = (CE + Dice) / 2`` on the labeled images (weak view). ``L_local`` is stage 1's
-    distillation applied to pixels: the finest decoder feature of the unlabeled images goes
-    through a pixel projection head (head ``local_projection``, 1x1 convolutions; the student
-    adds a 1x1-conv predictor, head ``local_predictor``), the student on the strong view, the
-    teacher on the weak one, and ``dense_contrastive_distillation_loss`` compares their
-    similarity distributions over a second memory bank (``local_bank``, same size and
-    temperatures) at ``local_num_pixels`` randomly drawn pixel positions (the same positions in
-    both maps: the views differ only photometrically and by cut-out, so pixels correspond).
-
-    Choices (each with its reason):
-
-    - The local bank receives ``local_enqueue_per_image`` random teacher pixel embeddings per
-      image per step, the pixel counterpart of stage 1's one embedding per image. (The released
-      code instead distils pooled logit patches against a bank of whole patch grids; kdseg
-      uses pixel-level anchors, which is what ``dense_contrastive_distillation_loss`` does.)
-    - ``global_weight`` defaults to 0 (kdseg's stage 2 is the local loss only); the released code
-      keeps ``L_global`` in this stage (``k1 = 1``): set ``global_weight: 1.0`` for that. At 0
-      the global heads are frozen (unused, DDP-safe) but kept, so they still pass through.
-    - The student sees labeled (weak) and unlabeled (strong) slices in one forward pass, so its
-      BatchNorm statistics cover both, as in SSL4MIS.
+    ``L_local`` is stage 1's distillation on pixels: the finest decoder feature of the unlabeled
+    images through a pixel projection head (``local_projection``; the student adds the predictor
+    ``local_predictor``), student on the strong view, teacher on the weak one, compared at
+    ``local_num_pixels`` random positions (the same in both maps: the views differ only
+    photometrically and by cut-out) against a second bank of teacher pixel embeddings.
+    At ``global_weight: 0`` the global heads are frozen (unused, DDP-safe) but carried over.
 
     Args:
         local_embedding_dim: size of the pixel embeddings.
@@ -309,64 +254,28 @@ class ActionLocalDistillation(_ContrastiveDistillation):
         return loss
 
 
-# --------------------------------------------------------------------------------------------
-# stage 3: anatomical contrast fine-tuning
-# --------------------------------------------------------------------------------------------
 class ActionAnatomicalContrast(TeacherStudentMethod):
-    """ACTION stage 3: ``L = L_sup + unsup_weight * L_unsup + anco_weight * L_anco``.
+    """ACTION stage 3: ``L = L_sup + unsup_weight * L_unsup + anco_weight * L_anco``, no ramp-up.
 
-    - ``L_sup = (CE + Dice) / 2`` on the labeled images.
-    - ``L_unsup``: the EMA teacher segments the *unaugmented* unlabeled images, giving
-      pseudo-labels (argmax) and confidences (max probability). The student sees a strongly
-      augmented view: CutMix within the unlabeled batch (:func:`~kdseg.data.augment.cutmix`,
-      pseudo-labels and confidences mixed with the same boxes), then colour / blur / noise
-      (:class:`~kdseg.data.augment.StrongPerturbation`). The loss is
-      :func:`confidence_weighted_cross_entropy` of the student's prediction against the mixed
-      pseudo-labels.
-    - ``L_anco``: a representation head (head ``representation``) turns the multi-level decoder
-      features (each upsampled to the finest resolution, concatenated, 1x1 convolutions) into
-      per-pixel embeddings of labeled and augmented unlabeled images alike. Valid pixels are all
-      labeled pixels (ground truth) and unlabeled pixels whose mixed teacher confidence is at
-      least ``anco_confidence_threshold`` (0.7; their pseudo-label is their class).
-      :class:`~kdseg.losses.hard_negative_sampling.HardNegativeSampler` draws per class up to
-      ``anco_num_queries`` (256) hard queries (student probability of their class below
-      ``anco_hard_threshold`` = 0.97), the class prototype as positive key, and
-      ``anco_num_negatives`` (512) negatives from the other classes through the class-relation
-      distribution; :func:`~kdseg.losses.anatomical_contrast.anatomical_contrast_loss` is the
-      InfoNCE over them (temperature 0.5).
+    The EMA teacher labels the unaugmented unlabeled images (argmax, max probability); the
+    student sees them CutMixed within the batch (labels and confidences mixed alike), then
+    perturbed (:class:`~kdseg.data.augment.StrongPerturbation`). ``L_unsup`` is
+    :func:`~kdseg.losses.confidence_weighted_ce.confidence_weighted_cross_entropy`. ``L_anco`` embeds every pixel of the labeled and
+    mixed unlabeled images (head ``representation``); labeled pixels and unlabeled pixels with
+    confidence >= ``anco_confidence_threshold`` take part, and
+    :class:`~kdseg.losses.hard_negative_sampling.HardNegativeSampler` draws hard queries (student
+    probability of their class below ``anco_hard_threshold``, detached), prototypes and negatives.
+    At the first step the EMA warm-up copies the student into the teacher, so pseudo-labels come
+    from the initialised student whatever teacher the checkpoint held.
 
-    Ablations: ``anco_weight: 0`` (without ``L_anco``; the head is then frozen and not run) and
-    ``unsup_weight: 0`` (without ``L_unsup``; unlabeled pixels still enter ``L_anco``).
-
-    Choices (each with its reason):
-
-    - ``anco_weight`` defaults to 0.01, the released code's weight of ``L_anco``
-      (``code/train_2D_action.py``: ``--k1`` default 0.01, ``loss = k1 * reco_loss + unsup_loss
-      + supervised_loss``; ``code/train_2D.sh`` does not override it).
-    - ``L_unsup`` weighting: ``confident_fraction`` (default) weights each unlabeled image's
-      pixels by the fraction of its pixels with teacher confidence >= ``unsup_confidence_threshold``
-      (0.97), the ReCo weighting that the released code uses (it averages over pixels with a
-      non-zero loss, here over all pixels: the same up to exact zeros). ``threshold`` keeps only
-      the confident pixels (FixMatch). The smooth per-image weight keeps a gradient on every
-      pixel early on, when few pixels pass 0.97.
-    - The student sees labeled and augmented unlabeled slices in one forward pass (shared
-      BatchNorm statistics, as in SSL4MIS); the released code runs two passes.
-    - The hard-query probabilities are the student's (detached), as in the released code.
-    - The representation head is ``Conv1x1 -> BN -> ReLU -> Conv1x1`` (ReCo's head with 1x1
-      instead of 3x3 first conv; see :class:`RepresentationHead` for how it is computed), 256
-      dimensions (ReCo); the released code uses a 3x3 then a 1x1 conv to 512 dimensions. AnCo is
-      computed at full resolution, as in the released code.
-    - No ramp-up of any weight, as in the released ``code/train_2D_action.py``.
-    - The teacher: at the first step the EMA warm-up (decay ``min(1 - 1/(t+1), ema_decay)`` = 0)
-      copies the student into the teacher, so whichever teacher the checkpoint held, pseudo-labels
-      come from the initialised student from step 1 on (the released code loads the stage-2
-      student into both).
-    - Rotation / flip: the data module's weak geometric augmentation stays on for every stage
-      (kdseg's choice; the released code's stage-3 loaders differ).
+    Ablations: ``anco_weight: 0`` (the head is then frozen and not run), ``unsup_weight: 0``
+    (unlabeled pixels still enter ``L_anco``).
 
     Args:
-        unsup_weight, anco_weight: loss weights (0 switches a term off).
-        unsup_weighting: ``confident_fraction`` or ``threshold`` (see above).
+        unsup_weight, anco_weight: loss weights (0 switches a term off; ``anco_weight`` 0.01 is
+            the released ``--k1``).
+        unsup_weighting: ``confident_fraction`` (each image weighted by its fraction of confident
+            pixels, ReCo's and the released code's) or ``threshold`` (confident pixels only, FixMatch).
         unsup_confidence_threshold: "confident" teacher probability for ``L_unsup`` (0.97).
         anco_confidence_threshold: teacher confidence for an unlabeled pixel to enter AnCo (0.7).
         anco_num_queries, anco_num_negatives, anco_hard_threshold, anco_temperature: AnCo

@@ -82,5 +82,5 @@ class DMPLS(SegmentationMethod):
         )
         L_pls = dmpls_loss(main_logits, aux_logits)
         loss = L_pce + self.pseudo_weight * L_pls
-        self.log_dict({"train/loss": loss, "train/pce": L_pce, "train/pseudo_label": L_pls})
+        self.log_dict({"train/loss": loss, "train/L_pce": L_pce, "train/L_pls": L_pls})
         return loss

@@ -103,11 +103,12 @@ class InstanceSegmentationMethod(Method):
         return self.inference_network()(to_rgb(images))
 
     def supervised_loss(self, labeled: Sequence[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor, dict[str, Tensor]]:
-        """The Mask R-CNN losses (RPN objectness / box, RoI class / box, mask) of the student."""
+        """The Mask R-CNN losses (RPN objectness / box, RoI class / box, mask) of the student,
+        logged as ``train/L_<torchvision's name without loss_>``."""
         images = [item[0] for item in labeled]
         targets = [item[1] for item in labeled]
         losses = self.student(to_rgb(images), targets)
-        return sum(losses.values()), {f"train/{k}": v.detach() for k, v in losses.items()}
+        return sum(losses.values()), {f"train/L_{k.removeprefix('loss_')}": v.detach() for k, v in losses.items()}
 
     def log_train(self, values: dict[str, Any], batch_size: int) -> None:
         self.log_dict(values, batch_size=batch_size, prog_bar=False)
@@ -226,7 +227,7 @@ class InstanceTeacherStudentMethod(EMATeacherMixin, InstanceSegmentationMethod):
     warm-up of >= 100 steps the difference is the EMA of a longer history, nothing else).
 
     Loss: ``L = L_sup + w(t) * L_unlabeled`` with ``w(t) = consistency_weight *
-    sigmoid_rampup(t - warmup_steps, rampup_steps)`` after warm-up, 0 before.
+    sigmoid_rampup(t - warmup_steps, consistency_rampup_steps)`` after warm-up, 0 before.
 
     Every unlabeled image is seen by the teacher unperturbed (its detections with score >=
     ``pseudo_label_score``, after the detector's per-class NMS, are the pseudo-labels) and in
@@ -245,7 +246,7 @@ class InstanceTeacherStudentMethod(EMATeacherMixin, InstanceSegmentationMethod):
         eval_network: ``student`` or ``teacher`` at validation / test / predict.
         warmup_steps: supervised-only steps (MMT-PSM: 1000).
         consistency_weight: final weight of the unlabeled losses (MMT-PSM's lambda, 5).
-        rampup_steps: sigmoid ramp-up length after warm-up (MMT-PSM: 250).
+        consistency_rampup_steps: sigmoid ramp-up length after warm-up (MMT-PSM: 250).
         pseudo_label_score: teacher detections kept as pseudo-labels.
         perturbation: photometric jitter of each perturbed view.
         erase_prob, erase_area: random erasing of each perturbed view.
@@ -262,7 +263,7 @@ class InstanceTeacherStudentMethod(EMATeacherMixin, InstanceSegmentationMethod):
         eval_network: str = "student",
         warmup_steps: int = 1000,
         consistency_weight: float = 1.0,
-        rampup_steps: int = 250,
+        consistency_rampup_steps: int = 250,
         pseudo_label_score: float = 0.5,
         perturbation: StrongPerturbation = default_perturbation(),
         erase_prob: float = 0.9,
@@ -270,12 +271,12 @@ class InstanceTeacherStudentMethod(EMATeacherMixin, InstanceSegmentationMethod):
         unlabeled_updates_bn_statistics: bool = False,
         **kwargs: Any,
     ) -> None:
-        if warmup_steps < 0 or rampup_steps < 0:
-            raise ValueError("warmup_steps and rampup_steps must be >= 0")
+        if warmup_steps < 0 or consistency_rampup_steps < 0:
+            raise ValueError("warmup_steps and consistency_rampup_steps must be >= 0")
         super().__init__(**kwargs)
         self.warmup_steps = warmup_steps
         self.consistency_weight = consistency_weight
-        self.rampup_steps = rampup_steps
+        self.consistency_rampup_steps = consistency_rampup_steps
         self.pseudo_label_score = pseudo_label_score
         self.perturbation = perturbation
         self.erase_prob = erase_prob
@@ -286,7 +287,7 @@ class InstanceTeacherStudentMethod(EMATeacherMixin, InstanceSegmentationMethod):
         """``w(t)``: 0 during warm-up, then the sigmoid ramp-up to ``consistency_weight``."""
         if step < self.warmup_steps:
             return 0.0
-        return self.consistency_weight * sigmoid_rampup(step - self.warmup_steps, self.rampup_steps)
+        return self.consistency_weight * sigmoid_rampup(step - self.warmup_steps, self.consistency_rampup_steps)
 
     def perturb(self, images: Sequence[Tensor]) -> list[Tensor]:
         """One independently perturbed view of each image (photometric jitter + random erasing)."""
@@ -339,9 +340,9 @@ class InstanceTeacherStudentMethod(EMATeacherMixin, InstanceSegmentationMethod):
             term, extra = self.unlabeled_loss(unlabeled)
             loss = supervised + weight * term
             logs.update(extra)
-            logs["train/unlabeled"] = term.detach()
+            logs["train/L_unlabeled"] = term.detach()
         logs.update(
-            {"train/loss": loss.detach(), "train/supervised": supervised.detach(), "train/unlabeled_weight": weight}
+            {"train/loss": loss.detach(), "train/L_sup": supervised.detach(), "train/unlabeled_weight": weight}
         )
         self.log_train(logs, batch_size=len(labeled))
         return loss

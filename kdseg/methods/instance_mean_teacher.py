@@ -43,7 +43,7 @@ class InstanceMeanTeacher(InstanceTeacherStudentMethod):
             consistency = F.mse_loss(torch.softmax(student_logits, dim=-1), torch.softmax(teacher_logits, dim=-1))
         positives = int(sum(int((lab > 0).sum()) for lab in targets.roi_labels))
         return consistency, {
-            "train/consistency": consistency.detach(),
+            "train/L_cons": consistency.detach(),
             "train/pseudo_labels": float(targets.num_pseudo_labels),
             "train/positive_rois": float(positives),
         }

@@ -14,7 +14,7 @@ from kdseg.schedules import sigmoid_rampup
 
 
 class MeanTeacher(TeacherStudentMethod):
-    """``L = L_sup(labeled) + w(t) * softmax_mse(student(u), teacher(u + noise))``.
+    """``L = L_sup(labeled) + w(t) * L_cons``, ``L_cons = softmax_mse(student(u), teacher(u + noise))``.
 
     Following SSL4MIS: the student sees labeled and unlabeled slices in one forward pass (so its
     BatchNorm statistics cover both), the teacher sees the unlabeled slices plus Gaussian noise
@@ -53,17 +53,16 @@ class MeanTeacher(TeacherStudentMethod):
         labeled, unlabeled = batch["labeled"], batch["unlabeled"]
         n_labeled = labeled["image"].shape[0]
         logits = self.student(torch.cat([labeled["image"], unlabeled["image"]])).logits
-        supervised = ce_dice_loss(logits[:n_labeled], labeled["target"])
+        L_sup = ce_dice_loss(logits[:n_labeled], labeled["target"])
 
         noisy = clipped_gaussian_noise(unlabeled["image"], self.noise_std, self.noise_clip)
         teacher_logits = self.teacher_forward(noisy).logits
-        consistency = softmax_mse(logits[n_labeled:], teacher_logits)
+        L_cons = softmax_mse(logits[n_labeled:], teacher_logits)
 
         weight = self.consistency_weight_at(self.global_step)
-        loss = supervised + weight * consistency
+        loss = L_sup + weight * L_cons
         self.log_dict(
-            {"train/loss": loss, "train/supervised": supervised, "train/consistency": consistency,
-             "train/consistency_weight": weight},
+            {"train/loss": loss, "train/L_sup": L_sup, "train/L_cons": L_cons, "train/consistency_weight": weight},
             prog_bar=False,
         )
         return loss

@@ -1,8 +1,26 @@
-"""``mmt_psm``: Mask-guided Mean Teacher with Perturbation-Sensitive Mining.
-
-Zhou, Chen, Lin, Heng, "Deep Semi-supervised Knowledge Distillation for Overlapping Cervical
-Cell Instance Segmentation", MICCAI 2020 (arXiv 2007.10787); public code
+"""``mmt_psm``: MMT-PSM, Zhou, Chen, Lin, Heng, "Deep Semi-supervised Knowledge Distillation for
+Overlapping Cervical Cell Instance Segmentation", MICCAI 2020 (arXiv 2007.10787); public code
 Amandaynzhou/MMT-PSM (maskrcnn-benchmark). Built here on torchvision's Mask R-CNN.
+
+Loss (the unlabeled part in :meth:`MMTPSM.unlabeled_loss`)::
+
+    L = L_sup + w(t) * (w_psm * L_psm + w_mgd * L_mgd)
+
+- ``L_psm``: soft cross-entropy from the sharpened mean of K augmented teacher views' RoI class
+  logits to the student's, on all positive RoIs and the negatives whose teacher probabilities vary
+  most over the views (perturbation-sensitive mining, :mod:`kdseg.losses.psm`).
+- ``L_mgd``: squared difference of adapted FPN features of student and each teacher view inside
+  the teacher's pseudo-label foreground (mask-guided distillation, :mod:`kdseg.losses.mgd`).
+
+Departures (each is the reason in one line):
+
+- Pseudo-labels and shared RoIs come from the teacher's clean view (the public code: its first perturbed one), so they do not depend on random erasing.
+- Flipped views' features are flipped back and their pooled RoI features mirrored: exactly the mirrored RoI (mirrored boxes are a cell off, RoIAlign being ``aligned=False``).
+- torchvision's NMS and box head: kdseg builds on torchvision, which has no relation-NMS or box-head dropout; no ramp-down of ``w(t)`` either.
+- ``mgd_weight`` is a budget setting: ``L_mgd`` follows the FPN's scale, which nothing fixes from scratch (the public code starts from a trained Mask R-CNN).
+
+Defaults are the public training script's (``scripts/train_mt.sh``); measurements behind the
+settings: ``experiments/results/notes/mmt_psm.md``.
 """
 
 from __future__ import annotations
@@ -15,7 +33,7 @@ from torch import Tensor, nn
 from kdseg.losses.mgd import foreground_masks_per_level, mask_guided_feature_distillation
 from kdseg.losses.psm import perturbation_sensitivity, psm_distillation_loss, select_sensitive_negatives
 from kdseg.methods.instance_base import InstanceTeacherStudentMethod
-from kdseg.networks.mask_rcnn import NUM_FPN_LEVELS, roi_class_logits
+from kdseg.networks.mask_rcnn import NUM_FPN_LEVELS, TeacherTargets, roi_class_logits
 
 
 def make_adaptors(in_channels: int, out_channels: int, num_levels: int = NUM_FPN_LEVELS) -> nn.ModuleList:
@@ -38,61 +56,13 @@ def adapt(adaptors: nn.ModuleList, features: dict[str, Tensor]) -> list[Tensor]:
 
 
 class MMTPSM(InstanceTeacherStudentMethod):
-    """MMT-PSM: ``L = L_sup + w(t) * (w_psm * L_psm + w_mgd * L_mgd)``.
+    """MMT-PSM: ``L = L_sup + w(t) * (w_psm * L_psm + w_mgd * L_mgd)`` (see the module docstring).
 
-    Per unlabeled batch:
-
-    1. **Pseudo-labels and shared RoIs.** The EMA teacher detects on the clean (unperturbed)
-       view; detections with score >= ``pseudo_label_score`` (after per-class NMS) are
-       pseudo-labels. RoIs are drawn from the teacher's RPN proposals (+ the pseudo boxes) as
-       Mask R-CNN samples training RoIs (IoU >= 0.5 positive, at most 25 % positives) and are
-       shared by every teacher view and the student. The public code also takes the teacher's
-       detections and RPN proposals from one view: ``GeneralizedRCNN.forward_teacher``
-       (``maskrcnn_benchmark/modeling/detector/generalized_rcnn.py``) detects on ``images[0]``
-       and passes only the first view's FPN features (``aug_features[0]``, a tuple) to
-       ``rpn.forward_teacher``, whose K-view averaging branch runs for a list only (its comment:
-       multiple views are not used for teacher proposals). Departure: that view is the first
-       perturbed one; the clean view is used here so that the pseudo-labels and RoIs do not
-       depend on the random erasing.
-    2. **K-times augmented self-ensemble.** The teacher sees ``num_views`` = K views, each with
-       its own photometric jitter and random erasing; odd views are also horizontally flipped
-       (K = 4: two perturbations, each plain and flipped, as the public code's ``AUG_K = 2``).
-       A flipped view's FPN features are flipped back to the clean frame; its RoI features are
-       pooled there at the shared RoIs and mirrored before the box head, which is exactly the
-       mirrored RoI in the flipped image (mirroring the boxes instead would be off by one feature
-       cell, torchvision's RoIAlign being ``aligned=False``; see
-       :func:`~kdseg.networks.mask_rcnn.roi_class_logits`). The flipped-back features also
-       serve MGD (cell-exact on the pooled levels; the max-pooled 5th level is exact when its
-       input width is odd, otherwise off by one cell). The student sees one further perturbed,
-       unflipped view.
-    3. **PSM** (:mod:`kdseg.losses.psm`): ``sensitivity`` of each RoI = sum over classes of the
-       std over the K views of the teacher's class probabilities. All positive RoIs are kept and
-       the ``negative_ratio`` x #positives most sensitive negatives (``psm: false``: random
-       negatives, weight 1 — the ablation without PSM). ``L_psm`` = soft cross-entropy from
-       ``sharpen(mean_k teacher logits, temperature)`` to the student's logits, mined negatives
-       weighted ``negative_weight``, divided by the number of classes (as the public code).
-       RoIs are pooled over the whole batch, as the public code does.
-    4. **MGD** (:mod:`kdseg.losses.mgd`): each FPN level (5, with the max-pooled one) of student
-       and of every teacher view goes through 1x1 adaptors to ``adaptor_channels`` (the
-       teacher's adaptors are the EMA of the student's); ``L_mgd`` is the squared difference
-       inside the teacher's foreground (pasted pseudo-label masks, average-pooled to the level
-       and binarised at 0.5), normalised by foreground size x channels, averaged over views and
-       levels. ``mgd_mask_gate: false`` uses the whole image (the ablation without the gate).
-
-    Defaults are the public code's training script: lambda = 5 (``consistency_weight``),
-    ``psm_weight`` 0.2, ``mgd_weight`` 1, temperature 0.5, negative weight 1.5, ramp-up 250
-    steps after a 1000-step warm-up, EMA 0.99, adaptors to half the FPN width (256 -> 128).
-    Not reproduced: the relation-NMS module of the public code (torchvision's NMS is used), its
-    final ramp-down of the unlabeled weight and its dropout in the box head.
-
-    Scale of ``L_mgd`` from scratch: ``L_mgd`` is a raw squared feature difference, so its
-    size follows the FPN features' scale, which nothing fixes when the detector is trained from
-    scratch (the public config starts from a trained Mask R-CNN, ``MODEL.WEIGHT:
-    e2e_mask_rcnn_R_50_FPN_1x.pth`` in ``configs/pap/e2e_mask_rcnn_R_50_FPN_1x.yaml``).
-    ``mgd_weight`` is therefore a budget setting: the cpu profile
-    (``experiments/reproduce/profiles/cpu.yaml``) lowers it so that the MGD gradient is of the
-    supervised one's order; the configs keep the public script's 1 (``MT.FG_HINT 1.`` in
-    ``scripts/train_mt.sh``). Measurements: ``experiments/results/notes/mmt_psm.md``.
+    Per unlabeled batch the EMA teacher detects on the clean view (pseudo-labels with score >=
+    ``pseudo_label_score``) and RoIs are sampled against them as Mask R-CNN samples training RoIs;
+    these RoIs are shared by the K teacher views and the student's one perturbed, unflipped view.
+    Teacher view ``k`` gets its own photometric jitter and random erasing; odd ``k`` are also
+    flipped (K = 4: two perturbations, each plain and flipped, as the public code's ``AUG_K = 2``).
 
     Args:
         num_views: K teacher views (1 = the single-view ablation; sensitivities are then all 0
@@ -103,8 +73,9 @@ class MMTPSM(InstanceTeacherStudentMethod):
         temperature: sharpening temperature of the teacher target.
         psm_weight, mgd_weight: ``w_psm`` and ``w_mgd`` (``mgd_weight: 0`` = without MGD; the
             adaptors are then not run).
-        mgd_mask_gate: restrict ``L_mgd`` to the teacher's foreground.
+        mgd_mask_gate: restrict ``L_mgd`` to the teacher's foreground (False: the whole image).
         adaptor_channels: output channels of the MGD adaptors (None: half the FPN width).
+        consistency_weight: lambda, the final ``w(t)`` (5).
         (other arguments: see :class:`~kdseg.methods.instance_base.InstanceTeacherStudentMethod`)
     """
 
@@ -146,55 +117,63 @@ class MMTPSM(InstanceTeacherStudentMethod):
     def needs_foreground(self) -> bool:
         return self.mgd_weight > 0 and self.mgd_mask_gate
 
-    def unlabeled_loss(self, images: Sequence[Tensor]) -> tuple[Tensor, dict[str, Any]]:
-        teacher, student = self.ema_teacher, self.student
-        targets = self.teacher_targets(images)
-        use_mgd = self.mgd_weight > 0
-        teacher_logits, teacher_feats = [], []
-        with torch.no_grad():
-            for k in range(self.num_views):
-                view = self.view(teacher, images, targets)
-                flipped = k % 2 == 1
-                if flipped:  # features of the mirrored image, mirrored back to the clean frame
-                    features = {n: f.flip(-1) for n, f in teacher.backbone(view.tensors.flip(-1)).items()}
-                else:
-                    features = teacher.backbone(view.tensors)
-                teacher_logits.append(
-                    roi_class_logits(teacher, features, targets.rois, targets.image_sizes, mirror=flipped)
-                )
-                if use_mgd:
-                    teacher_feats.append(adapt(teacher.mgd_adaptors, features))
-        student_view = self.view(student, images, targets)
-        student_features = self.student_features(student_view)
-        student_logits = roi_class_logits(student, student_features, targets.rois, targets.image_sizes)
+    @torch.no_grad()
+    def teacher_views(self, images: Sequence[Tensor], targets: TeacherTargets) -> tuple[Tensor, list[list[Tensor]]]:
+        """The K-times augmented self-ensemble: the teacher's class logits ``(K, R, C)`` at the
+        shared RoIs and, when MGD is on, its adapted FPN levels per view (else empty lists).
 
-        # L_psm
-        stacked = torch.stack(teacher_logits)  # (K, R, C)
+        A flipped view's FPN features are flipped back to the clean frame; there its RoI features
+        are pooled at the shared RoIs and mirrored before the box head (``mirror``), and MGD
+        compares them in that frame (exact on the pooled levels, off by one cell on the max-pooled
+        5th level when its input width is even)."""
+        teacher = self.ema_teacher
+        logits, features = [], []
+        for k in range(self.num_views):
+            view = self.view(teacher, images, targets)
+            flipped = k % 2 == 1
+            if flipped:
+                fpn = {n: f.flip(-1) for n, f in teacher.backbone(view.tensors.flip(-1)).items()}
+            else:
+                fpn = teacher.backbone(view.tensors)
+            logits.append(roi_class_logits(teacher, fpn, targets.rois, targets.image_sizes, mirror=flipped))
+            features.append(adapt(teacher.mgd_adaptors, fpn) if self.mgd_weight > 0 else [])
+        return torch.stack(logits), features
+
+    def mgd_loss(self, student_features: dict[str, Tensor], teacher_features: list[list[Tensor]],
+                 targets: TeacherTargets) -> Tensor:
+        """``L_mgd`` of the student's adapted FPN levels against every teacher view's, inside the
+        teacher's foreground average-pooled to each level (the whole image without the gate)."""
+        student_adapted = adapt(self.student.mgd_adaptors, student_features)
+        masks = (
+            foreground_masks_per_level(targets.foreground, [f.shape[-2:] for f in student_adapted])
+            if self.mgd_mask_gate else None
+        )
+        return mask_guided_feature_distillation(student_adapted, teacher_features, masks)
+
+    def unlabeled_loss(self, images: Sequence[Tensor]) -> tuple[Tensor, dict[str, Any]]:
+        targets = self.teacher_targets(images)
+        teacher_logits, teacher_features = self.teacher_views(images, targets)
+        student_features = self.student_features(self.view(self.student, images, targets))
+        student_logits = roi_class_logits(self.student, student_features, targets.rois, targets.image_sizes)
+
         is_positive = torch.cat(targets.roi_labels) > 0
-        sensitivity = perturbation_sensitivity(torch.softmax(stacked, dim=-1))
+        sensitivity = perturbation_sensitivity(torch.softmax(teacher_logits, dim=-1))
         negatives = select_sensitive_negatives(sensitivity, is_positive, self.negative_ratio, random=not self.psm)
-        l_psm = psm_distillation_loss(
-            student_logits, stacked, is_positive, negatives, self.temperature,
+        L_psm = psm_distillation_loss(
+            student_logits, teacher_logits, is_positive, negatives, self.temperature,
             self.negative_weight if self.psm else 1.0,
         )
-        # L_mgd
-        if use_mgd:
-            student_adapted = adapt(student.mgd_adaptors, student_features)
-            masks = (
-                foreground_masks_per_level(targets.foreground, [f.shape[-2:] for f in student_adapted])
-                if self.mgd_mask_gate else None
-            )
-            l_mgd = mask_guided_feature_distillation(student_adapted, teacher_feats, masks)
-        else:
-            l_mgd = student_logits.sum() * 0.0
-        term = self.psm_weight * l_psm + self.mgd_weight * l_mgd
+        L_mgd = (self.mgd_loss(student_features, teacher_features, targets) if self.mgd_weight > 0
+                 else student_logits.sum() * 0.0)
+        L_unlabeled = self.psm_weight * L_psm + self.mgd_weight * L_mgd
+
         logs: dict[str, Any] = {
-            "train/psm": l_psm.detach(),
-            "train/mgd": l_mgd.detach(),
+            "train/L_psm": L_psm.detach(),
+            "train/L_mgd": L_mgd.detach(),
             "train/pseudo_labels": float(targets.num_pseudo_labels),
             "train/positive_rois": float(is_positive.sum()),
             "train/mined_negatives": float(negatives.numel()),
         }
         if negatives.numel():
             logs["train/sensitivity_mined"] = sensitivity[negatives].mean().detach()
-        return term, logs
+        return L_unlabeled, logs

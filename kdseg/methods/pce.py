@@ -11,7 +11,7 @@ from kdseg.methods.base import SegmentationMethod
 
 
 class PartialCE(SegmentationMethod):
-    """``L = pCE(student(x), scribble)``: CE over annotated pixels; unannotated pixels
+    """``L = L_pce = pCE(student(x), scribble)``: CE over annotated pixels; unannotated pixels
     (``scribble_ignore_index``) carry no loss (WSL4MIS ``train_weakly_supervised_pCE_2D``)."""
 
     required_supervision = "scribble"
@@ -19,6 +19,7 @@ class PartialCE(SegmentationMethod):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         labeled = batch["labeled"]
         logits = self.student(labeled["image"]).logits
-        loss = partial_cross_entropy(logits, labeled["target"], self.scribble_ignore_index)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+        L_pce = partial_cross_entropy(logits, labeled["target"], self.scribble_ignore_index)
+        self.log("train/loss", L_pce, prog_bar=True)
+        self.log("train/L_pce", L_pce)
+        return L_pce

@@ -37,5 +37,5 @@ class PartialCEEntropyMinimization(SegmentationMethod):
         L_pce = partial_cross_entropy(logits, labeled["target"], self.scribble_ignore_index)
         L_em = entropy_minimization(logits, normalized=True)
         loss = L_pce + self.entropy_weight * L_em
-        self.log_dict({"train/loss": loss, "train/pce": L_pce, "train/entropy": L_em})
+        self.log_dict({"train/loss": loss, "train/L_pce": L_pce, "train/L_em": L_em})
         return loss

@@ -1,62 +1,31 @@
-"""``scribsd_plus``: ScribSD+ (Qu, Lu, Zhang, Wang, Computerized Medical Imaging and Graphics 116,
-2024): scribble-supervised segmentation by simultaneous multi-scale knowledge distillation and
-class-wise contrastive regularization.
+"""``scribsd_plus``: ScribSD+, Qu, Lu, Zhang, Wang, "ScribSD+: Scribble-supervised medical image
+segmentation based on simultaneous multi-scale knowledge distillation and class-wise contrastive
+regularization", Computerized Medical Imaging and Graphics 116, 2024.
 
-Total loss (grep ``L_total``)::
+Loss::
 
-    L_total = L_pce + w_kd(t) * L_kd + w_cc(t) * L_contrast
+    L_total = L_pce + w(t) * (w_kd * L_kd + w_cc * L_contrast)
 
-- ``L_pce``: partial cross-entropy on the scribbles at full resolution (plus, optionally,
-  ``ds_pce_weight`` times the mean pCE of the deep-supervision outputs upsampled to full size).
-- ``L_kd`` (multi-scale prediction-level KD): at each decoder scale s the EMA teacher's soft
-  prediction supervises the student's deep-supervision prediction ``z_s``,
-  ``sum_s a_s * T^2 * KL(q_s || softmax(z_s / T)) / sum_s a_s``, where ``q_s`` is the teacher's
-  full-resolution tempered prediction ``softmax(t / T)`` average-pooled to scale s
-  (``kd_target: full_resolution``) or the teacher's own head at scale s (``same_scale``).
-- ``L_contrast`` (class-wise contrastive regularization): pixel embeddings of a projection head
-  are pulled to their class prototype and pushed from the other classes' prototypes (InfoNCE over
-  prototypes); class membership from the scribbles where annotated and from confident teacher
-  predictions elsewhere.
+- ``L_pce``: partial cross-entropy on the scribbles at full resolution.
+- ``L_kd = sum_s a_s * T^2 * KL(q_s || softmax(z_s / T)) / sum_s a_s``: the EMA teacher's soft
+  prediction ``q_s`` at decoder scale ``s`` supervises the student's deep-supervision output ``z_s``.
+- ``L_contrast``: InfoNCE of pixel embeddings against class prototypes; classes from the scribbles
+  where annotated, from confident teacher predictions elsewhere.
 
-Choices where the paper's full text and code are not public (each is a config argument; the
-ablation configs switch the regularizers off one at a time):
+Choices (the paper's full text and code were not available; each is an argument):
 
-- Deep-supervision heads: 1x1 convolutions on the decoder outputs at 1/2, 1/4 and 1/8 of the input
-  (full resolution is the U-Net's own head), as the issue describes; a 1x1 head keeps the decoder
-  features shared and adds < 1k parameters a scale. ``kd_scales: [1, 2, 4, 8]``.
-- Scale weights ``a_s = 1 / s`` (normalised): coarse predictions are blurrier and should not dominate
-  the full-resolution one; ``kd_scale_weights`` overrides.
-- KD target ``full_resolution`` (default): the teacher's best prediction (its full-resolution
-  output, anchored by pCE) supervises every student scale, pooled to that scale. The alternative
-  ``same_scale`` distils each teacher head into the same student head; its coarse heads are then
-  only ever distilled from each other (the teacher is the student's EMA), so it needs
-  ``ds_pce_weight > 0`` to anchor them to the scribbles. The main pCE is on the full-resolution
-  head alone, undiluted by the coarse scales.
-- KD temperature ``T = 2`` with Hinton's ``T^2`` factor, the same on both sides: the abstract
-  speaks of the teacher's *soft* predictions, whose class-similarity information a softer target
-  carries; 2 is the common default and ``kd_temperature`` exposes it. The alternative, a sharpened
-  teacher (``kd_teacher_temperature`` < ``kd_temperature``, as MMT-PSM sharpens), is available;
-  the soft target is the default because it is what the abstract describes.
-- KD on all pixels (annotated or not): the unannotated ~90% of pixels are exactly where
-  scribble supervision is missing, and on annotated pixels agreeing with the teacher is harmless.
-- Views: the student sees the clean (weakly augmented) slice, the teacher the same slice plus
-  clipped Gaussian noise ``clamp(N(0, 0.1^2), -0.2, 0.2)`` (``noise_on: teacher``), the placement
-  SSL4MIS's mean teacher uses; the student is evaluated on clean slices, so it also trains on
-  them. ``noise_on: student`` and ``noise_on: none`` are available.
-- Contrast: a projection head (3x3 conv, BN, ReLU, 1x1 conv to ``projection_dim`` = 64) on the
-  full-resolution decoder feature; pixels whose teacher confidence is >= ``confidence_threshold``
-  (0.9) take the teacher's class where no scribble exists (scribbles win where present);
-  prototypes are the batch means of the student embeddings of each class; up to
-  ``max_pixels_per_class`` (256) anchors per class keep memory bounded; temperature 0.1
-  (a common InfoNCE value).
-- Ramp-up: both weights follow ``sigmoid_rampup(t, rampup_steps)`` (Laine & Aila), as mean-teacher
-  consistency weights do, because early teacher predictions are noise.
-- Evaluation uses the student (as WSL4MIS reports); ``eval_network: teacher`` is available.
-- Which set chose what: the class defaults above (``noise_on: teacher``, ``kd_target:
-  full_resolution``) were picked on the test patients of the cpu table and are kept only so older
-  runs reload; the ACDC configs use ``noise_on: student`` and ``kd_target: same_scale``, chosen on 5
-  held-out train patients (validation only; 250 steps, one seed:
-  ``experiments/results/notes/scribsd_plus_validation_choices.md``).
+- Deep-supervision heads are 1x1 convolutions at 1/2, 1/4, 1/8: they keep the decoder shared (< 1k parameters a scale).
+- Scale weights ``a_s = 1 / s``: blurrier coarse predictions should not dominate the full-resolution one.
+- ``kd_target: full_resolution``: ``q_s`` is the teacher's full-resolution ``softmax(t / T)`` pooled to s, its best prediction.
+- ``T = 2`` on both sides with Hinton's ``T^2``: the abstract distils *soft* predictions; ``kd_teacher_temperature`` sharpens.
+- KD on every pixel: unannotated pixels are where scribble supervision is missing.
+- Noise ``clamp(N(0, 0.1^2), -0.2, 0.2)`` on the teacher's input (``noise_on``): SSL4MIS's mean-teacher placement.
+- Projection head 3x3 conv-BN-ReLU-1x1 to 64 dims, teacher confidence 0.9, 256 anchors per class, InfoNCE temperature 0.1: common values.
+- ``w(t)`` is a sigmoid ramp (Laine & Aila): early teacher predictions are noise.
+- ``ds_pce_weight`` (off) adds the pCE of the deep-supervision outputs: ``kd_target: same_scale`` needs it to anchor coarse heads.
+
+How the ACDC configs' ``noise_on: student`` / ``kd_target: same_scale`` were chosen:
+``experiments/results/notes/scribsd_plus_validation_choices.md``; history: ``.../notes/scribsd_plus.md``.
 """
 
 from __future__ import annotations
@@ -67,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdseg.data.augment import clipped_gaussian_noise
 from kdseg.losses.contrastive import prototype_infonce_loss
-from kdseg.losses.distillation import feature_kd_loss, multiscale_kd_loss
+from kdseg.losses.distillation import multiscale_kd_loss
 from kdseg.losses.segmentation import partial_cross_entropy
 from kdseg.methods.base import TeacherStudentMethod
+from kdseg.methods.noisy_view import NoisyViewMixin
 from kdseg.networks.unet import NetworkOutput, SegmentationNetwork
 from kdseg.schedules import sigmoid_rampup
 
@@ -89,8 +58,8 @@ def deep_supervision_logits(network: SegmentationNetwork, output: NetworkOutput,
     return logits
 
 
-class ScribSDPlus(TeacherStudentMethod):
-    """ScribSD+: ``L_total = L_pce + w_kd(t) * L_kd + w_cc(t) * L_contrast`` (see module docstring).
+class ScribSDPlus(NoisyViewMixin, TeacherStudentMethod):
+    """ScribSD+: ``L_total = L_pce + w(t) * (w_kd * L_kd + w_cc * L_contrast)`` (see module docstring).
 
     Args:
         kd_scales: downsampling factors of the KD / deep-supervision outputs (powers of 2; 1 = full).
@@ -105,11 +74,9 @@ class ScribSDPlus(TeacherStudentMethod):
         confidence_threshold: teacher confidence above which an unannotated pixel joins the contrast.
         projection_dim: embedding size of the projection head.
         max_pixels_per_class: anchors per class in the contrast.
-        rampup_steps: sigmoid ramp-up length of both weights.
+        consistency_rampup_steps: sigmoid ramp-up length of ``w(t)``.
         noise_std: std of the clipped Gaussian input noise.
         noise_on: which network's input gets the noise: ``teacher`` (default), ``student`` or ``none``.
-        feature_kd_weight: weight of multi-scale feature KD between student and teacher decoder
-            features (ScribSD, the workshop version, uses it; ScribSD+ does not: 0).
         (other arguments: see :class:`~kdseg.methods.base.TeacherStudentMethod`)
     """
 
@@ -129,10 +96,9 @@ class ScribSDPlus(TeacherStudentMethod):
         confidence_threshold: float = 0.9,
         projection_dim: int = 64,
         max_pixels_per_class: int = 256,
-        rampup_steps: int = 12000,
+        consistency_rampup_steps: int = 12000,
         noise_std: float = 0.1,
         noise_on: str = "teacher",
-        feature_kd_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         scales = [int(s) for s in kd_scales]
@@ -159,12 +125,8 @@ class ScribSDPlus(TeacherStudentMethod):
         self.contrast_temperature = contrast_temperature
         self.confidence_threshold = confidence_threshold
         self.max_pixels_per_class = max_pixels_per_class
-        self.rampup_steps = rampup_steps
-        if noise_on not in ("teacher", "student", "none"):
-            raise ValueError(f"noise_on must be 'teacher', 'student' or 'none', got {noise_on!r}")
-        self.noise_std = noise_std
-        self.noise_on = noise_on
-        self.feature_kd_weight = feature_kd_weight
+        self.consistency_rampup_steps = consistency_rampup_steps
+        self.init_noisy_view(noise_std, noise_on)
 
     def configure_heads(self, network: SegmentationNetwork) -> None:
         channels = network.decoder_channels  # coarsest first
@@ -192,16 +154,6 @@ class ScribSDPlus(TeacherStudentMethod):
         return [teacher.logits if s == 1 else t * torch.log(F.avg_pool2d(probs, s).clamp_min(1e-8))
                 for s in self.kd_scales]
 
-    def perturb(self, image: Tensor, side: str) -> Tensor:
-        """``image`` plus clipped Gaussian noise ``clamp(N(0, s^2), -2s, 2s)`` when ``side`` is
-        the network named by ``noise_on``, else ``image`` unchanged."""
-        if side != self.noise_on:
-            return image
-        return clipped_gaussian_noise(image, self.noise_std, 2 * self.noise_std)
-
-    def ramp(self) -> float:
-        return sigmoid_rampup(self.global_step, self.rampup_steps)
-
     def contrast_class_map(self, scribble: Tensor, teacher_logits: Tensor) -> Tensor:
         """``(B, H, W)``: the scribble where annotated, else the teacher's class where its
         confidence reaches ``confidence_threshold``, else ``scribble_ignore_index``."""
@@ -228,14 +180,14 @@ class ScribSDPlus(TeacherStudentMethod):
 
         teacher = self.teacher_forward(self.perturb(image, "teacher"))
         teacher_logits = self.kd_targets(teacher)
-        ramp = self.ramp()
+        ramp = sigmoid_rampup(self.global_step, self.consistency_rampup_steps)
         loss = L_pce
-        logs = {"train/pce": L_pce}
+        logs = {"train/L_pce": L_pce}
         if self.kd_weight > 0:
             L_kd = multiscale_kd_loss(student_logits, teacher_logits, self.kd_scale_weights, self.kd_temperature,
                                       self.kd_teacher_temperature)
             loss = loss + self.kd_weight * ramp * L_kd
-            logs["train/kd"] = L_kd
+            logs["train/L_kd"] = L_kd
         if self.contrast_weight > 0:
             embeddings = self.student.heads["projection"](student.decoder_features[-1])
             class_map = self.contrast_class_map(scribble, teacher.logits)
@@ -244,16 +196,8 @@ class ScribSDPlus(TeacherStudentMethod):
                 temperature=self.contrast_temperature, max_pixels_per_class=self.max_pixels_per_class,
             )
             loss = loss + self.contrast_weight * ramp * L_contrast
-            logs["train/contrast"] = L_contrast
+            logs["train/L_contrast"] = L_contrast
             logs["train/contrast_pixels"] = (class_map != self.scribble_ignore_index).float().mean()
-        if self.feature_kd_weight > 0:
-            levels = list(range(len(student.decoder_features)))
-            L_feature_kd = feature_kd_loss(
-                [student.decoder_features[i] for i in levels], [teacher.decoder_features[i] for i in levels],
-                [1.0] * len(levels),
-            )
-            loss = loss + self.feature_kd_weight * ramp * L_feature_kd
-            logs["train/feature_kd"] = L_feature_kd
         logs.update({"train/loss": loss, "train/ramp": ramp})
         self.log_dict(logs)
         return loss

@@ -11,7 +11,7 @@ from kdseg.methods.base import SegmentationMethod
 
 
 class Supervised(SegmentationMethod):
-    """``L = (CE + Dice) / 2`` on labeled slices (SSL4MIS ``train_fully_supervised_2D``).
+    """``L = L_sup = (CE + Dice) / 2`` on labeled slices (SSL4MIS ``train_fully_supervised_2D``).
 
     Any unlabeled stream is ignored, so set ``data.unlabeled_batch_size: 0`` to save its loading.
     """
@@ -21,6 +21,7 @@ class Supervised(SegmentationMethod):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         labeled = batch["labeled"]
         logits = self.student(labeled["image"]).logits
-        loss = ce_dice_loss(logits, labeled["target"])
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+        L_sup = ce_dice_loss(logits, labeled["target"])
+        self.log("train/loss", L_sup, prog_bar=True)
+        self.log("train/L_sup", L_sup)
+        return L_sup

@@ -1,5 +1,24 @@
-"""``ua_mt``: Uncertainty-Aware Mean Teacher, Yu et al. (MICCAI 2019), as in SSL4MIS
-``train_uncertainty_aware_mean_teacher_2D``."""
+"""``ua_mt``: Uncertainty-Aware Mean Teacher, Yu, Wang, Li, Fu, Heng, "Uncertainty-aware
+Self-ensembling Model for Semi-supervised 3D Left Atrium Segmentation", MICCAI 2019, in 2D as
+SSL4MIS ``code/train_uncertainty_aware_mean_teacher_2D.py``.
+
+Loss::
+
+    L = L_sup + w(t) * L_cons,   L_cons = masked_softmax_mse(student(u), teacher(u + noise), U < H(t))
+    H(t) = (0.75 + 0.25 * sigmoid_rampup(t, threshold_rampup_steps)) * H_max
+
+``U`` is the predictive entropy of the mean of ``mc_passes`` (T = 8) noisy, dropout-active
+teacher passes; ``L_sup`` and ``w(t)`` as :mod:`kdseg.methods.mean_teacher`.
+
+Departures and choices (each with its reason):
+
+- Dropout at SSL4MIS's encoder rates on the smp encoder's stage outputs: smp's encoder has no dropout of its own.
+- The teacher keeps eval-mode BatchNorm, as every kdseg teacher (SSL4MIS never puts it in eval mode).
+- The T passes and the target pass run as one batched forward of ``(T + 1) * B`` images: one forward instead of T + 1.
+- ``H_max = ln 2`` as SSL4MIS's 2D script although ACDC has 4 classes: ``ln 4`` would mask almost nothing
+  (``experiments/results/notes/uncertainty_teachers.md``); ``max_entropy: null`` gives ``ln(num_classes)``.
+- The threshold ramps over ``threshold_rampup_steps`` (SSL4MIS: the run length, ``max_iterations``).
+"""
 
 from __future__ import annotations
 
@@ -22,41 +41,12 @@ __all__ = ["UncertaintyAwareMeanTeacher"]
 
 
 class UncertaintyAwareMeanTeacher(MeanTeacher):
-    """``L = L_sup + w(t) * masked_softmax_mse(student(u), teacher(u + noise), U < H(t))``.
-
-    As :class:`~kdseg.methods.mean_teacher.MeanTeacher` (same supervised loss, teacher input
-    noise, consistency weight ramp ``w(t)``), but the consistency only counts pixels where the
-    teacher is certain: the teacher segments ``mc_samples`` (T = 8) noisy copies of the unlabeled
-    batch with its encoder dropout active, the predictive entropy ``U`` of their mean probability
-    is the uncertainty, and pixels with
-    ``U >= H(t) = (0.75 + 0.25 * sigmoid_rampup(t, uncertainty_rampup_steps)) * H_max`` are
-    masked out (the threshold rises from 75% to 100% of ``H_max``, so more pixels join over time).
-
-    Reference: SSL4MIS ``code/train_uncertainty_aware_mean_teacher_2D.py``. Its EMA teacher is
-    never switched to eval mode, so the dropout of its ``UNet`` encoder (``code/networks/unet.py``)
-    is active in all T passes and in the target pass; the threshold is ``(0.75 + 0.25 *
-    sigmoid_rampup(iter_num, max_iterations)) * np.log(2)``.
-
-    Choices (each with its reason):
-
-    - Stochasticity as SSL4MIS: Gaussian input noise ``clamp(N(0, noise_std^2), -noise_clip,
-      noise_clip)`` plus element-wise dropout at SSL4MIS's encoder rates
-      (:func:`~kdseg.losses.uncertainty.encoder_dropout_logits`; applied to the smp encoder's
-      stage outputs, as that encoder has no dropout). ``teacher_dropout: false`` leaves input
-      noise only. Departure: kdseg's teacher keeps eval-mode BatchNorm (running statistics), as
-      every kdseg teacher (:class:`~kdseg.methods.base.TeacherStudentMethod`).
-    - The T passes plus the consistency target (one more noisy pass, as in SSL4MIS) run as one
-      batched teacher forward of ``(T + 1) * B`` images.
-    - ``H_max = ln 2`` as SSL4MIS's 2D script (kept there from the binary 3D original) although
-      ACDC has 4 classes: with ``ln 4`` the threshold would start above ``ln 2`` and mask almost
-      nothing (``experiments/results/notes/uncertainty_teachers.md``). ``max_entropy: null``
-      gives ``ln(num_classes)``.
-    - The threshold ramp runs over ``uncertainty_rampup_steps`` (SSL4MIS: ``max_iterations``).
-    - The consistency is normalised as in SSL4MIS (:func:`~kdseg.losses.uncertainty.masked_softmax_mse`).
+    """UA-MT: :class:`~kdseg.methods.mean_teacher.MeanTeacher` whose consistency counts only the
+    pixels where the teacher is certain, ``U < H(t)`` (see the module docstring).
 
     Args:
-        mc_samples: T, the teacher's noisy passes for the uncertainty.
-        uncertainty_rampup_steps: steps of the threshold's sigmoid ramp.
+        mc_passes: T, the teacher's noisy passes for the uncertainty.
+        threshold_rampup_steps: steps of the threshold's sigmoid ramp.
         max_entropy: ``H_max``; None = ``ln(num_classes)``.
         teacher_dropout: dropout in the teacher's passes (SSL4MIS's encoder rates).
         (other arguments: see :class:`~kdseg.methods.mean_teacher.MeanTeacher`)
@@ -64,27 +54,27 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
 
     def __init__(
         self,
-        mc_samples: int = 8,
-        uncertainty_rampup_steps: int = 30000,
+        mc_passes: int = 8,
+        threshold_rampup_steps: int = 30000,
         max_entropy: float | None = math.log(2),
         teacher_dropout: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if mc_samples < 1:
-            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
-        self.mc_samples = mc_samples
-        self.uncertainty_rampup_steps = uncertainty_rampup_steps
+        if mc_passes < 1:
+            raise ValueError(f"mc_passes must be >= 1, got {mc_passes}")
+        self.mc_passes = mc_passes
+        self.threshold_rampup_steps = threshold_rampup_steps
         self.max_entropy = math.log(self.num_classes) if max_entropy is None else max_entropy
         self.teacher_dropout = teacher_dropout
 
     def uncertainty_threshold_at(self, step: int) -> float:
-        return uncertainty_threshold(step, self.uncertainty_rampup_steps, self.max_entropy)
+        return uncertainty_threshold(step, self.threshold_rampup_steps, self.max_entropy)
 
     def teacher_with_uncertainty(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """``(teacher_logits, uncertainty)`` of ``image`` ``(B, 1, H, W)``: see
         :func:`~kdseg.losses.uncertainty.noisy_teacher_passes`."""
-        return noisy_teacher_passes(self.teacher_pass, image, self.mc_samples, self.noise_std, self.noise_clip)
+        return noisy_teacher_passes(self.teacher_pass, image, self.mc_passes, self.noise_std, self.noise_clip)
 
     def teacher_pass(self, image: Tensor) -> Tensor:
         """One stochastic teacher pass: logits ``(N, C, H, W)`` of ``image`` ``(N, 1, H, W)``."""
@@ -96,17 +86,17 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
         labeled, unlabeled = batch["labeled"], batch["unlabeled"]
         n_labeled = labeled["image"].shape[0]
         logits = self.student(torch.cat([labeled["image"], unlabeled["image"]])).logits
-        supervised = ce_dice_loss(logits[:n_labeled], labeled["target"])
+        L_sup = ce_dice_loss(logits[:n_labeled], labeled["target"])
 
         teacher_logits, uncertainty = self.teacher_with_uncertainty(unlabeled["image"])
         threshold = self.uncertainty_threshold_at(self.global_step)
         mask = (uncertainty < threshold).to(logits.dtype)
-        consistency = masked_softmax_mse(logits[n_labeled:], teacher_logits, mask)
+        L_cons = masked_softmax_mse(logits[n_labeled:], teacher_logits, mask)
 
         weight = self.consistency_weight_at(self.global_step)
-        loss = supervised + weight * consistency
+        loss = L_sup + weight * L_cons
         self.log_dict({
-            "train/loss": loss, "train/supervised": supervised, "train/consistency": consistency,
+            "train/loss": loss, "train/L_sup": L_sup, "train/L_cons": L_cons,
             "train/consistency_weight": weight, "train/uncertainty_threshold": threshold,
             "train/certain_fraction": mask.mean(),
         })

@@ -1,7 +1,23 @@
-"""``ustm``: uncertainty-aware self-ensembling and transformation-consistent mean teacher for
-scribble supervision (Liu, Yuan, Zhang, Yang, Wang, Zhang, Zhang, "Weakly-supervised medical
-image segmentation via uncertainty-aware self-ensembling and transformation-consistent model"
-(USTM), 2022), as implemented in WSL4MIS ``train_weakly_supervised_ustm_2D``."""
+"""``ustm``: USTM, Liu, Yuan, Zhang, Yang, Wang, Zhang, Zhang, "Weakly-supervised medical image
+segmentation via uncertainty-aware self-ensembling and transformation-consistent model", 2022,
+as WSL4MIS ``code/train_weakly_supervised_ustm_2D.py``.
+
+Loss::
+
+    L = L_pce + w(t) * L_tc,   w(t) = consistency_weight * sigmoid_rampup(t, consistency_rampup_steps)
+    L_tc = masked_softmax_mse(rot_k(student(x)), teacher(rot_k(x) + noise), U < H(t))
+
+``k`` is a random multiple of 90 degrees per step; ``U`` is the teacher's predictive entropy over
+``mc_passes`` noisy passes and ``H(t)`` ramps from 0.75 to 1.0 of ``max_entropy``.
+
+Departures and choices (each with its reason):
+
+- ``w(t)`` ramps per step over 60k steps (WSL4MIS: ``sigmoid_rampup(iter_num // 1000, 60)``): a smoother curve, same end points.
+- Dropout at WSL4MIS's encoder rates on the smp encoder's stage outputs: smp's encoder has no dropout of its own.
+- The teacher keeps eval-mode BatchNorm, as every kdseg teacher (WSL4MIS never puts it in eval mode).
+- All teacher passes, the target included, run as one batched forward: one forward instead of T + 1.
+- ``max_entropy = ln 2`` as WSL4MIS even with 4 classes (``ln 4`` would admit more pixels); ``null`` gives ``ln(num_classes)``.
+"""
 
 from __future__ import annotations
 
@@ -22,25 +38,7 @@ from kdseg.schedules import sigmoid_rampup, uncertainty_threshold
 
 
 class USTM(TeacherStudentMethod):
-    """``L = L_pce + w(t) * L_tc``.
-
-    ``L_tc`` (transformation consistency): the slices are rotated by ``k * 90`` degrees (random
-    ``k`` per step); the EMA teacher segments the rotated slices plus noise, the student's
-    prediction on the original slices is rotated the same way, and their softmax squared
-    difference counts only where the teacher's predictive entropy over ``mc_passes`` noisy passes
-    is below ``uncertainty_threshold`` (ramped from 0.75 to 1.0 of ``max_entropy``).
-    ``w(t) = consistency_weight * sigmoid_rampup(t, consistency_rampup_steps)``, ramping to 1.0
-    over 60k steps as WSL4MIS ``code/train_weakly_supervised_ustm_2D.py``
-    (``get_current_consistency_weight``: ``1.0 * sigmoid_rampup(iter_num // 1000, 60)``; kdseg
-    ramps per step instead of per 1000 steps, a smoother curve with the same end points).
-
-    Choices: WSL4MIS's EMA teacher is never put in eval mode, so its ``UNet`` encoder dropout
-    (``code/networks/unet.py``) is active in every pass; kdseg applies the same rates to the smp
-    encoder's stage outputs (:func:`~kdseg.losses.uncertainty.encoder_dropout_logits`;
-    ``teacher_dropout: false`` leaves input noise only) and keeps eval-mode BatchNorm, as every
-    kdseg teacher. As there, the consistency target is one further noisy teacher pass (all
-    passes run as one batched forward). ``max_entropy`` defaults to ln 2, the value WSL4MIS uses even with 4
-    classes (``ln 4`` would admit more pixels); set it to ``null`` for ``ln(num_classes)``.
+    """USTM: ``L = L_pce + w(t) * L_tc`` (see the module docstring).
 
     Args:
         consistency_weight: final ``w``; consistency_rampup_steps: its sigmoid ramp-up.
@@ -97,6 +95,6 @@ class USTM(TeacherStudentMethod):
 
         weight = self.consistency_weight * sigmoid_rampup(self.global_step, self.consistency_rampup_steps)
         loss = L_pce + weight * L_tc
-        self.log_dict({"train/loss": loss, "train/pce": L_pce, "train/consistency": L_tc,
+        self.log_dict({"train/loss": loss, "train/L_pce": L_pce, "train/L_tc": L_tc,
                        "train/certain_fraction": mask.mean(), "train/consistency_weight": weight})
         return loss

@@ -39,7 +39,7 @@ Profile (``experiments/reproduce/profiles/<name>.yaml``)::
     settings:
       <setting>: {configs: [file, ...], overrides: [...], seeds: [...]}
     per_config:                        # every stage using this method config, in any setting
-      experiments/acdc/scribsd_plus.yaml: [--model.init_args.rampup_steps=${scribsd_rampup}]
+      experiments/acdc/scribsd_plus.yaml: [--model.init_args.consistency_rampup_steps=${scribsd_rampup}]
 
 Override lists may nest (a YAML anchor of a list inside a list), and are flattened.
 
