@@ -70,8 +70,8 @@ class SegmentationMethod(pl.LightningModule):
 
     Args:
         network: the U-Net (encoder, depth, decoder channels).
-        num_classes: classes including background (must match the data).
-        scribble_ignore_index: scribble value of unannotated pixels (must match the data).
+        num_classes: classes including background (the CLI links it from the data).
+        scribble_ignore_index: scribble value of unannotated pixels (the CLI links it from the data).
         lr: initial SGD learning rate; decays as ``lr * (1 - t / T) ** poly_power`` over the run's
             optimizer steps (SSL4MIS / WSL4MIS schedule).
         momentum, weight_decay: SGD settings (0.9, 1e-4 in SSL4MIS).
@@ -171,15 +171,6 @@ class SegmentationMethod(pl.LightningModule):
         if datamodule is None:
             return
         method = type(self).__name__
-        if getattr(datamodule, "num_classes", self.num_classes) != self.num_classes:
-            raise ValueError(
-                f"model.num_classes={self.num_classes} but data.num_classes={datamodule.num_classes}"
-            )
-        if getattr(datamodule, "scribble_ignore_index", self.scribble_ignore_index) != self.scribble_ignore_index:
-            raise ValueError(
-                f"model.scribble_ignore_index={self.scribble_ignore_index} but "
-                f"data.scribble_ignore_index={datamodule.scribble_ignore_index}"
-            )
         supervision = getattr(datamodule, "supervision", None)
         if self.required_supervision and supervision != self.required_supervision:
             raise ValueError(

@@ -473,7 +473,7 @@ class InstanceSegmentationMethod(pl.LightningModule):
 
     Args:
         detector: the Mask R-CNN (see :class:`DetectorConfig`).
-        num_classes: classes including background (must match the data: 3).
+        num_classes: classes including background (3; the CLI links it from the data).
         optimizer: ``sgd`` (momentum) or ``adamw``.
         lr, momentum, weight_decay: optimizer settings. MMT-PSM's public code: SGD, lr 0.005
             for 4 images (``scripts/train_mt.sh``), weight decay 1e-4
@@ -551,9 +551,6 @@ class InstanceSegmentationMethod(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             return
-        names = getattr(datamodule, "class_names", None)
-        if names is not None and len(names) + 1 != self.num_classes:
-            raise ValueError(f"model.num_classes={self.num_classes} but the data has classes {names} (+ background)")
         if self.uses_unlabeled and not getattr(datamodule, "has_unlabeled", False):
             raise ValueError(
                 f"{type(self).__name__} trains on unlabeled images: set data.unlabeled_batch_size > 0 and "
