@@ -5,10 +5,10 @@ always, CUDA too when present.
 Two families, each timed on its own phantom and printed as its own table (ratios never cross
 families; the JSON keeps every run):
 
-- ``semantic``: the 2D U-Net methods on the cardiac phantom (``experiments/phantom``); reference
+- ``semantic``: the 2D U-Net methods on the cardiac phantom (the ``phantom/*`` runs of ``experiments/stacks.yaml``); reference
   ``supervised``; sizes ``--image-size`` / ``--batch-size``; inference in slices/s through
   :func:`~kdseg.networks.inference.predict_volume`.
-- ``instance``: the Mask R-CNN methods on the cytology phantom (``experiments/cytology_phantom``);
+- ``instance``: the Mask R-CNN methods on the cytology phantom (the ``cytology_phantom/*`` runs);
   reference ``instance_supervised``; sizes ``--instance-image-size`` (the phantom is generated at
   that size, and the detector's ``min_size`` / ``max_size`` are set to it so it does not rescale)
   and ``--instance-batch-size`` (labeled and unlabeled images per step); inference in images/s
@@ -84,21 +84,21 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: method name -> (phantom config that defines it, the baseline it is compared with).
+#: method name -> (phantom run of experiments/stacks.yaml that defines it, the baseline it is compared with).
 METHODS: dict[str, tuple[str, str]] = {
-    "supervised": ("experiments/phantom/supervised.yaml", "supervised"),
-    "mean_teacher": ("experiments/phantom/mean_teacher.yaml", "supervised"),
-    "ua_mt": ("experiments/phantom/ua_mt.yaml", "mean_teacher"),
-    "action_stage3": ("experiments/phantom/action_stage3.yaml", "mean_teacher"),
-    "action_no_anco": ("experiments/phantom/action_no_anco.yaml", "mean_teacher"),
-    "pce": ("experiments/phantom/pce.yaml", "supervised"),
-    "scribsd_plus": ("experiments/phantom/scribsd_plus.yaml", "pce"),
-    "scribsd": ("experiments/phantom/scribsd.yaml", "pce"),
-    "dmpls": ("experiments/phantom/dmpls.yaml", "pce"),
-    "ustm": ("experiments/phantom/ustm.yaml", "pce"),
-    "instance_supervised": ("experiments/cytology_phantom/supervised.yaml", "instance_supervised"),
-    "instance_mean_teacher": ("experiments/cytology_phantom/mean_teacher.yaml", "instance_supervised"),
-    "mmt_psm": ("experiments/cytology_phantom/mmt_psm.yaml", "instance_supervised"),
+    "supervised": ("phantom/supervised", "supervised"),
+    "mean_teacher": ("phantom/mean_teacher", "supervised"),
+    "ua_mt": ("phantom/ua_mt", "mean_teacher"),
+    "action_stage3": ("phantom/action_stage3", "mean_teacher"),
+    "action_no_anco": ("phantom/action_no_anco", "mean_teacher"),
+    "pce": ("phantom/pce", "supervised"),
+    "scribsd_plus": ("phantom/scribsd_plus", "pce"),
+    "scribsd": ("phantom/scribsd", "pce"),
+    "dmpls": ("phantom/dmpls", "pce"),
+    "ustm": ("phantom/ustm", "pce"),
+    "instance_supervised": ("cytology_phantom/supervised", "instance_supervised"),
+    "instance_mean_teacher": ("cytology_phantom/mean_teacher", "instance_supervised"),
+    "mmt_psm": ("cytology_phantom/mmt_psm", "instance_supervised"),
 }
 
 #: family -> the method every run of the family is compared with ("x sup" in the table).
@@ -111,12 +111,15 @@ INSTANCE_INFERENCE_BATCHES = 2
 
 @functools.lru_cache(maxsize=None)
 def config_family(config: str) -> str:
-    """``instance`` for a config whose data module is the cervical-cell one, else ``semantic``."""
+    """``instance`` for a run whose data module is the cervical-cell one, else ``semantic``."""
     import yaml
 
-    content = yaml.safe_load((REPO / config).read_text()) or {}
-    data = content.get("data") or {}
-    class_path = data.get("class_path", "") if isinstance(data, dict) else ""
+    from kdseg.cli import stack_layers
+
+    class_path = ""
+    for layer in stack_layers(config):  # the last layer that names the data module decides
+        data = (yaml.safe_load(layer.read_text()) or {}).get("data") or {}
+        class_path = data.get("class_path", class_path) if isinstance(data, dict) else class_path
     return "instance" if class_path.endswith("CervicalCellDataModule") else "semantic"
 
 
@@ -178,7 +181,7 @@ def bench_one(
     ``instance_pseudo_label_score``: replaces the instance teacher's pseudo-label threshold (None:
     the config's; see the module docstring)."""
     from kdseg.callbacks.ema import ema_update_
-    from kdseg.cli import main
+    from kdseg.cli import main, stack_arguments
     from kdseg.methods.instance_base import InstanceSegmentationMethod, InstanceTeacherStudentMethod, to_rgb
     from kdseg.networks.inference import predict_volume
 
@@ -197,7 +200,7 @@ def bench_one(
     else:
         size = image_size
         overrides = [f"--data.init_args.image_size={size}", f"--data.init_args.batch_size={batch_size}"]
-    cli = main([f"--config={REPO / config}", *overrides, "--trainer.logger=false"], run=False)
+    cli = main([*stack_arguments(config), *overrides, "--trainer.logger=false"], run=False)
     model, data = cli.model, cli.datamodule
     if (family == "instance") != isinstance(model, InstanceSegmentationMethod):
         raise TypeError(f"{config}: {type(model).__name__} with {type(data).__name__} is not a {family} method")

@@ -46,6 +46,8 @@ from kdseg.checkpoints import load_checkpoint
 from kdseg.data.volume import DataError
 
 EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
+#: Every run's stack of config layers (run name, e.g. ``phantom/mean_teacher`` -> layer paths).
+STACKS_FILE = Path(__file__).resolve().parents[1] / "experiments" / "stacks.yaml"
 # Given once in the data layer, copied to the model (a model without the argument, e.g. a Mask R-CNN
 # method and the scribble ignore value, is left alone).
 LINKED_DATA_ARGUMENTS = ("num_classes", "scribble_ignore_index")
@@ -79,6 +81,21 @@ def _merged(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
         both = isinstance(value, dict) and isinstance(out.get(key), dict)
         out[key] = _merged(out[key], value) if both else value
     return out
+
+
+def stack_layers(run: str) -> list[Path]:
+    """The config layers of ``run`` in experiments/stacks.yaml (absolute paths, in order)."""
+    import yaml
+
+    stacks = yaml.safe_load(STACKS_FILE.read_text())
+    if run not in stacks:
+        raise ConfigError(f"{STACKS_FILE}: no stack {run!r} (runs: {', '.join(stacks)})")
+    return [STACKS_FILE.parents[1] / layer for layer in stacks[run]]
+
+
+def stack_arguments(run: str) -> list[str]:
+    """``--config=<layer>`` for each layer of ``run`` (experiments/stacks.yaml)."""
+    return [f"--config={layer}" for layer in stack_layers(run)]
 
 
 class ConfigError(DataError):

@@ -54,25 +54,26 @@ import torch
 import yaml
 
 from kdseg.bench import machine
+from kdseg.cli import stack_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = REPO / "experiments/reproduce/profiles"
 
-#: check name -> (method config, data kind).
+#: check name -> (run of experiments/stacks.yaml, data kind).
 CHECKS: dict[str, tuple[str, str]] = {
-    "supervised": ("experiments/acdc/supervised.yaml", "acdc"),
-    "mean_teacher": ("experiments/acdc/mean_teacher.yaml", "acdc"),
-    "ua_mt": ("experiments/acdc/ua_mt.yaml", "acdc"),
-    "action_stage3": ("experiments/acdc/action_stage3.yaml", "acdc"),
-    "pce": ("experiments/acdc/pce.yaml", "acdc"),
-    "pce_em": ("experiments/acdc/pce_em.yaml", "acdc"),
-    "ustm": ("experiments/acdc/ustm.yaml", "acdc"),
-    "dmpls": ("experiments/acdc/dmpls.yaml", "acdc"),
-    "scribsd": ("experiments/acdc/scribsd.yaml", "acdc"),
-    "scribsd_plus": ("experiments/acdc/scribsd_plus.yaml", "acdc"),
-    "instance_supervised": ("experiments/isbi2014/supervised.yaml", "isbi2014"),
-    "instance_mean_teacher": ("experiments/isbi2014/mean_teacher.yaml", "isbi2014"),
-    "mmt_psm": ("experiments/isbi2014/mmt_psm.yaml", "isbi2014"),
+    "supervised": ("acdc/supervised", "acdc"),
+    "mean_teacher": ("acdc/mean_teacher", "acdc"),
+    "ua_mt": ("acdc/ua_mt", "acdc"),
+    "action_stage3": ("acdc/action_stage3", "acdc"),
+    "pce": ("acdc/pce", "acdc"),
+    "pce_em": ("acdc/pce_em", "acdc"),
+    "ustm": ("acdc/ustm", "acdc"),
+    "dmpls": ("acdc/dmpls", "acdc"),
+    "scribsd": ("acdc/scribsd", "acdc"),
+    "scribsd_plus": ("acdc/scribsd_plus", "acdc"),
+    "instance_supervised": ("isbi2014/supervised", "isbi2014"),
+    "instance_mean_teacher": ("isbi2014/mean_teacher", "isbi2014"),
+    "mmt_psm": ("isbi2014/mmt_psm", "isbi2014"),
 }
 
 #: methods whose teacher losses wait for ``warmup_steps``: run them from step 0 (see docstring).
@@ -296,9 +297,8 @@ def data_overrides(kind: str, smoke: bool, work: Path) -> tuple[list[str], str]:
 def fit_args(name: str, precision: str, accelerator: str, steps: int, warmup: int, data: list[str],
              folder: Path) -> list[str]:
     """``kdseg fit`` arguments of one timed fit (no validation; ``last.ckpt`` is written at the end)."""
-    config = CHECKS[name][0]
     args = [
-        f"--config={REPO / config}", *data,
+        *stack_arguments(CHECKS[name][0]), *data,
         f"--trainer.accelerator={accelerator}", "--trainer.devices=1", f"--trainer.precision={precision}",
         f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",

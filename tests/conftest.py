@@ -91,6 +91,23 @@ def stack(run: str) -> list[str]:
     return [f"--config={REPO / layer}" for layer in STACKS[run]]
 
 
+def _merged(base: dict, layer: dict) -> dict:
+    out = dict(base)
+    for key, value in layer.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
+def stack_config(run: str) -> dict:
+    """A run's layers merged as the CLI merges them (later layers win, key by key), without the
+    class defaults: what the layers themselves say."""
+    config: dict = {}
+    for layer in STACKS[run]:
+        config = _merged(config, yaml.safe_load((REPO / layer).read_text()) or {})
+    return config
+
+
 def run_cli(args: list[str], workdir: Path | None = None):
     """Runs ``kdseg <args>`` through the real entry point (in this process)."""
     from kdseg.cli import main
