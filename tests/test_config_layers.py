@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, STACKS, run_cli, stack
+from conftest import REPO, STACKS, TINY_NETWORK, run_cli, stack
+from test_cli import PHANTOM_TINY_DATA
 
 GOLDEN = Path(__file__).parent / "data" / "config_layers_golden.json"
 #: Differs between runs by design (each whole file named its own run); the layers name it per dataset.
@@ -97,3 +98,18 @@ def _update() -> None:
 
 if __name__ == "__main__" and sys.argv[1:] == ["--update"]:
     _update()
+
+
+def test_checkpoint_for_other_classes_is_refused_by_name(in_tmp_cwd: Path) -> None:
+    """With --ckpt_path the linked values come from the data layer, not from the checkpoint's
+    hyperparameters: a checkpoint trained with other values is refused by name."""
+    from kdseg.cli import ConfigError
+
+    tiny = [*PHANTOM_TINY_DATA, *TINY_NETWORK]
+    fit = run_cli(["fit", *stack("phantom/dmpls"), "--trainer.max_steps=1", "--trainer.val_check_interval=1", *tiny])
+    best = fit.trainer.checkpoint_callback.best_model_path
+    config = f"--config={Path(fit.trainer.log_dir) / 'config.yaml'}"
+    test = run_cli(["test", config, f"--ckpt_path={best}"])
+    assert test.model.scribble_ignore_index == 4 and test.model.num_classes == 4
+    with pytest.raises(ConfigError, match=r"trained with scribble_ignore_index=4 but data.init_args.scribble_ignore_index is 7"):
+        run_cli(["test", config, f"--ckpt_path={best}", "--data.init_args.scribble_ignore_index=7"])
