@@ -63,12 +63,16 @@ INSTANCE_INFERENCE_BATCHES = 2
 
 @functools.lru_cache(maxsize=None)
 def config_family(config: str) -> str:
-    """``instance`` for a config whose data module is the cervical-cell one, else ``semantic``."""
+    """``instance`` for a run of experiments/stacks.yaml whose data module is the cervical-cell
+    one, else ``semantic``."""
     import yaml
 
-    content = yaml.safe_load((REPO / config).read_text()) or {}
-    data = content.get("data") or {}
-    class_path = data.get("class_path", "") if isinstance(data, dict) else ""
+    from kdseg.cli import stack_layers
+
+    class_path = ""
+    for layer in stack_layers(config):  # the last layer that names the data module decides
+        data = (yaml.safe_load(layer.read_text()) or {}).get("data") or {}
+        class_path = data.get("class_path", class_path) if isinstance(data, dict) else class_path
     return "instance" if class_path.endswith("CervicalCellDataModule") else "semantic"
 
 
@@ -126,7 +130,7 @@ def bench_one(
     ``instance_pseudo_label_score``: replaces the instance teacher's pseudo-label threshold (None:
     the config's; see the module docstring)."""
     from kdseg.callbacks.ema import ema_update_
-    from kdseg.cli import main
+    from kdseg.cli import main, stack_arguments
     from kdseg.methods.instance_base import InstanceSegmentationMethod, InstanceTeacherStudentMethod
     from kdseg.networks.mask_rcnn import to_rgb
     from kdseg.networks.inference import predict_volume
@@ -146,7 +150,7 @@ def bench_one(
     else:
         size = image_size
         overrides = [f"--data.init_args.image_size={size}", f"--data.init_args.batch_size={batch_size}"]
-    cli = main([f"--config={REPO / config}", *overrides, "--trainer.logger=false"], run=False)
+    cli = main([*stack_arguments(config), *overrides, "--trainer.logger=false"], run=False)
     model, data = cli.model, cli.datamodule
     if (family == "instance") != isinstance(model, InstanceSegmentationMethod):
         raise TypeError(f"{config}: {type(model).__name__} with {type(data).__name__} is not a {family} method")

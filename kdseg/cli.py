@@ -2,7 +2,12 @@
 
 Model and data are chosen by ``class_path`` (any method with any compatible data module);
 experiments live in ``experiments/`` as config files, composable (later files override earlier
-ones, e.g. ``--config experiments/acdc/mean_teacher.yaml --config experiments/profiles/cpu.yaml``).
+ones): a data layer, a method layer, a budget and optionally an ablation, e.g.
+``--config experiments/data/acdc_semi.yaml --config experiments/methods/mean_teacher.yaml
+--config experiments/budgets/acdc_semi.yaml`` (the map: experiments/README.md).
+
+``num_classes`` and ``scribble_ignore_index`` are data arguments, linked to the model's
+(``LightningCLI.link_arguments``): given once, they cannot disagree.
 
 With ``--ckpt_path``, LightningCLI replaces the model arguments by the checkpoint's saved
 hyperparameters (``LightningCLI._parse_ckpt_path``); kdseg keeps every model argument the user gave
@@ -41,10 +46,17 @@ from kdseg.checkpoints import load_checkpoint
 from kdseg.data.volume import DataError
 
 EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
+#: Every run's stack of config layers (run name, e.g. ``phantom/mean_teacher`` -> layer paths).
+STACKS_FILE = Path(__file__).resolve().parents[1] / "experiments" / "stacks.yaml"
+# Given once in the data layer, copied to the model (a model without the argument, e.g. a Mask R-CNN
+# method and the scribble ignore value, is left alone).
+LINKED_DATA_ARGUMENTS = ("num_classes", "scribble_ignore_index")
 DESCRIPTION = (
     "kdseg: label-efficient medical image segmentation by knowledge distillation (ScribSD+, "
-    "ACTION, MMT-PSM and their baselines on ACDC and ISBI 2014). Method configs: experiments/"
-    "<dataset>/<method>.yaml, e.g. `kdseg fit --config experiments/acdc/scribsd_plus.yaml`; "
+    "ACTION, MMT-PSM and their baselines on ACDC and ISBI 2014). A run is a stack of config "
+    "layers (data, method, budget, ablation; experiments/README.md), e.g. `kdseg fit --config "
+    "experiments/data/phantom_semi.yaml --config experiments/methods/mean_teacher.yaml --config "
+    "experiments/budgets/phantom.yaml --config experiments/budgets/phantom/mean_teacher.yaml`; "
     "`kdseg fit --help` lists the methods (--model) and data modules (--data)."
 )
 
@@ -69,6 +81,21 @@ def _merged(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
         both = isinstance(value, dict) and isinstance(out.get(key), dict)
         out[key] = _merged(out[key], value) if both else value
     return out
+
+
+def stack_layers(run: str) -> list[Path]:
+    """The config layers of ``run`` in experiments/stacks.yaml (absolute paths, in order)."""
+    import yaml
+
+    stacks = yaml.safe_load(STACKS_FILE.read_text())
+    if run not in stacks:
+        raise ConfigError(f"{STACKS_FILE}: no stack {run!r} (runs: {', '.join(stacks)})")
+    return [STACKS_FILE.parents[1] / layer for layer in stacks[run]]
+
+
+def stack_arguments(run: str) -> list[str]:
+    """``--config=<layer>`` for each layer of ``run`` (experiments/stacks.yaml)."""
+    return [f"--config={layer}" for layer in stack_layers(run)]
 
 
 class ConfigError(DataError):
@@ -120,7 +147,18 @@ class KdsegCLI(LightningCLI):
         if given_class and given_class.rsplit(".", 1)[-1] != class_path.rsplit(".", 1)[-1]:
             raise ConfigError(f"{ckpt_path}: the checkpoint is a {class_path} but the model given is "
                               f"{given_class}: drop --model / use the run's config.yaml")
-        typed = given.get("init_args") or {}
+        typed = dict(given.get("init_args") or {})
+        data = self.config[subcommand].get("data")
+        data_args = (data.get("init_args") if data is not None else None) or {}
+        for name in LINKED_DATA_ARGUMENTS:
+            # Linked from the data layer, not taken from the checkpoint: a checkpoint trained for
+            # other classes would not load (or would mislabel the scribbles), so say so here.
+            if name in data_args and name in hparams:
+                if hparams[name] != data_args[name]:
+                    raise ConfigError(f"{ckpt_path}: the checkpoint was trained with {name}={hparams[name]!r} "
+                                      f"but data.init_args.{name} is {data_args[name]!r}")
+                hparams.pop(name)
+            typed.pop(name, None)
         for key, old, new in differing_arguments(hparams, typed):
             print(f"kdseg: model.init_args.{key}={new!r} (given) replaces the checkpoint's {old!r}",
                   file=sys.stderr, flush=True)
@@ -152,6 +190,8 @@ class KdsegCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(VolumePredictionWriter, "prediction_writer")
+        for name in LINKED_DATA_ARGUMENTS:
+            parser.link_arguments(f"data.init_args.{name}", f"model.init_args.{name}")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
         logger = config.get("logger")

@@ -52,6 +52,7 @@ import lightning.pytorch as pl
 import torch
 import yaml
 
+from kdseg.cli import stack_arguments
 from kdseg.method_configs import FAMILY_DATA, METHOD_CONFIGS, real_data_config
 from kdseg.reports import machine, write_new_report
 
@@ -288,9 +289,8 @@ def data_overrides(kind: str, smoke: bool, work: Path) -> tuple[list[str], str]:
 def fit_args(name: str, precision: str, accelerator: str, steps: int, warmup: int, data: list[str],
              folder: Path) -> list[str]:
     """``kdseg fit`` arguments of one timed fit (no validation; ``last.ckpt`` is written at the end)."""
-    config = CHECKS[name][0]
     args = [
-        f"--config={REPO / config}", *data,
+        *stack_arguments(CHECKS[name][0]), *data,
         f"--trainer.accelerator={accelerator}", "--trainer.devices=1", f"--trainer.precision={precision}",
         f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from kdseg.data.phantom import make_phantom_volumes, write_acdc_like
 
@@ -79,6 +80,32 @@ def acdc_like_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     volumes = make_phantom_volumes(10, seed=7, num_slices=3, size=(40, 36))
     ids = sorted({v.patient_id for v in volumes})
     return write_acdc_like(root, volumes, {"train": ids[:6], "val": ids[6:8], "test": ids[8:]})
+
+
+#: Every run's stack of config layers (experiments/stacks.yaml): run name -> layer paths.
+STACKS: dict[str, list[str]] = yaml.safe_load((REPO / "experiments" / "stacks.yaml").read_text())
+
+
+def stack(run: str) -> list[str]:
+    """``--config=<layer>`` for each layer of a run of experiments/stacks.yaml, e.g. ``phantom/supervised``."""
+    return [f"--config={REPO / layer}" for layer in STACKS[run]]
+
+
+def _merged(base: dict, layer: dict) -> dict:
+    out = dict(base)
+    for key, value in layer.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
+def stack_config(run: str) -> dict:
+    """A run's layers merged as the CLI merges them (later layers win, key by key), without the
+    class defaults: what the layers themselves say."""
+    config: dict = {}
+    for layer in STACKS[run]:
+        config = _merged(config, yaml.safe_load((REPO / layer).read_text()) or {})
+    return config
 
 
 def run_cli(args: list[str], workdir: Path | None = None):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, TINY_NETWORK, run_cli
+from conftest import REPO, TINY_NETWORK, run_cli, stack
 from test_cli import PHANTOM_TINY_DATA, tiny_overrides
 
 from kdseg.cli import main
@@ -49,26 +49,23 @@ TINY = NetworkConfig(encoder_depth=3, decoder_channels=[32, 16, 8])
 CHAIN = REPO / "experiments" / "acdc" / "run_action_chain.sh"
 
 
-@pytest.mark.parametrize(
-    "config",
-    [REPO / "experiments" / folder / f"{name}.yaml" for folder in ("phantom", "acdc") for name in CONFIG_NAMES],
-    ids=lambda p: f"{p.parent.name}/{p.stem}",
-)
-def test_config_fast_dev_run_logs_its_loss_terms(config: Path, acdc_like_root: Path, in_tmp_cwd: Path) -> None:
-    cli = run_cli(["fit", f"--config={config}", "--trainer.fast_dev_run=true", *tiny_overrides(config, acdc_like_root)])
+@pytest.mark.parametrize("run", [f"{dataset}/{name}" for dataset in ("phantom", "acdc") for name in CONFIG_NAMES])
+def test_stack_fast_dev_run_logs_its_loss_terms(run: str, acdc_like_root: Path, in_tmp_cwd: Path) -> None:
+    cli = run_cli(["fit", *stack(run), "--trainer.fast_dev_run=true", *tiny_overrides(run, acdc_like_root)])
     metrics = cli.trainer.callback_metrics
+    name = run.split("/")[1]
     assert cli.trainer.state.finished
-    assert LOGGED[config.stem] | {"train/loss", "val/dice_mean"} <= set(metrics)
-    assert all(math.isfinite(float(metrics[k])) for k in LOGGED[config.stem] | {"train/loss"})
-    if config.stem == "action_no_anco":
+    assert LOGGED[name] | {"train/loss", "val/dice_mean"} <= set(metrics)
+    assert all(math.isfinite(float(metrics[k])) for k in LOGGED[name] | {"train/loss"})
+    if name == "action_no_anco":
         assert float(metrics["train/L_anco"]) == 0.0
-    if config.stem == "action_no_unsup":
+    if name == "action_no_unsup":
         assert float(metrics["train/L_unsup"]) == 0.0
 
 
 # -- the stage chain -------------------------------------------------------------------------------
-def _phantom(config: str, *extra: str) -> list[str]:
-    return [f"--config={REPO / 'experiments/phantom' / config}", *PHANTOM_TINY_DATA, *TINY_NETWORK, *extra]
+def _phantom(stage: str, *extra: str) -> list[str]:
+    return [*stack(f"phantom/{stage}"), *PHANTOM_TINY_DATA, *TINY_NETWORK, *extra]
 
 
 def _set_up(config: str, init: Path) -> torch.nn.Module:
@@ -80,11 +77,11 @@ def _set_up(config: str, init: Path) -> torch.nn.Module:
 
 def test_stage_chain_hands_on_the_shared_weights(in_tmp_cwd: Path) -> None:
     short = ["--trainer.max_steps=2", "--trainer.val_check_interval=2"]
-    stage1 = run_cli(["fit", *_phantom("action_stage1.yaml", *short)])
+    stage1 = run_cli(["fit", *_phantom("action_stage1", *short)])
     last1 = Path(stage1.trainer.log_dir) / "checkpoints" / "last.ckpt"
     saved1 = torch.load(last1, map_location="cpu", weights_only=False)["state_dict"]
 
-    model2 = _set_up("action_stage2.yaml", last1)
+    model2 = _set_up("action_stage2", last1)
     state2 = model2.state_dict()
     shared = [
         "student.unet.encoder.conv1.weight",
@@ -97,12 +94,12 @@ def test_stage_chain_hands_on_the_shared_weights(in_tmp_cwd: Path) -> None:
     assert int(state2["global_bank.num_filled"]) == int(saved1["global_bank.num_filled"]) > 0
     assert not any(k.startswith(f"student.heads.{HEAD_LOCAL_PROJECTION}") for k in saved1)  # stage 2's own
 
-    stage2 = run_cli(["fit", *_phantom("action_stage2.yaml", *short, f"--model.init_args.init_weights_from={last1}")])
+    stage2 = run_cli(["fit", *_phantom("action_stage2", *short, f"--model.init_args.init_weights_from={last1}")])
     best2 = stage2.trainer.checkpoint_callback.best_model_path
     saved2 = torch.load(best2, map_location="cpu", weights_only=False)["state_dict"]
     assert not torch.equal(saved2["student.unet.encoder.conv1.weight"], saved1["student.unet.encoder.conv1.weight"])
 
-    state3 = _set_up("action_stage3.yaml", Path(best2)).state_dict()
+    state3 = _set_up("action_stage3", Path(best2)).state_dict()
     for key in ("student.unet.decoder.blocks.0.conv1.0.weight", "student.unet.segmentation_head.0.weight",
                 "ema_teacher.unet.encoder.conv1.weight"):
         torch.testing.assert_close(state3[key], saved2[key], rtol=0, atol=0, msg=key)

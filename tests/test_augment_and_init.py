@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from conftest import REPO, TINY_NETWORK, run_cli
+from conftest import TINY_NETWORK, run_cli, stack
 
 from kdseg.data.augment import StrongPerturbation, cutmix, random_erasing
 from kdseg.methods import MeanTeacher, NetworkConfig
@@ -38,7 +38,7 @@ def test_random_erasing_blanks_a_box() -> None:
 
 def test_init_weights_from_copies_student_into_student_and_teacher(in_tmp_cwd: Path) -> None:
     cli = run_cli(
-        ["fit", f"--config={REPO / 'experiments/phantom/supervised.yaml'}", "--trainer.max_steps=2",
+        ["fit", *stack("phantom/supervised"), "--trainer.max_steps=2",
          "--trainer.val_check_interval=2", "--data.init_args.num_train_patients=3", "--data.init_args.num_val_patients=1",
          "--data.init_args.num_test_patients=1", "--data.init_args.num_slices=2", "--data.init_args.phantom_size=32",
          *TINY_NETWORK]

@@ -11,11 +11,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, TINY_NETWORK, run_cli
+from conftest import TINY_NETWORK, run_cli, stack
 
 from kdseg.data.volume import DataError
 
-CONFIG = str(REPO / "experiments/acdc/mean_teacher.yaml")
+CONFIG = stack("acdc/mean_teacher")
 
 
 @pytest.fixture()
@@ -28,7 +28,7 @@ def broken_root(acdc_like_root: Path, tmp_path: Path) -> Path:
 
 def fit(root: Path, *extra: str) -> None:
     run_cli(
-        ["fit", f"--config={CONFIG}", f"--data.init_args.root={root}", "--data.init_args.labeled_patients=2",
+        ["fit", *CONFIG, f"--data.init_args.root={root}", "--data.init_args.labeled_patients=2",
          "--trainer.max_steps=1", *TINY_NETWORK, *extra]
     )
 
@@ -58,7 +58,7 @@ def test_missing_scribble_key_for_scribble_supervision(broken_root: Path, in_tmp
         del f["scribble"]
     with pytest.raises(DataError, match="scribble") as error:
         run_cli(
-            ["fit", f"--config={REPO / 'experiments/acdc/pce.yaml'}", f"--data.init_args.root={broken_root}",
+            ["fit", *stack("acdc/pce"), f"--data.init_args.root={broken_root}",
              "--trainer.max_steps=1", *TINY_NETWORK]
         )
     assert "phantom000_frame01.h5" in str(error.value)
@@ -91,7 +91,7 @@ def test_empty_scribbles_are_reported(broken_root: Path, in_tmp_cwd: Path) -> No
         f["scribble"][...] = np.full(f["scribble"].shape, 4, dtype=np.uint16)
     with pytest.raises(DataError, match="no annotated pixel") as error:
         run_cli(
-            ["fit", f"--config={REPO / 'experiments/acdc/pce.yaml'}", f"--data.init_args.root={broken_root}",
+            ["fit", *stack("acdc/pce"), f"--data.init_args.root={broken_root}",
              "--trainer.max_steps=1", *TINY_NETWORK]
         )
     assert "phantom000_frame01" in str(error.value)
@@ -101,7 +101,7 @@ def test_method_and_data_mismatch_is_explained(acdc_like_root: Path, in_tmp_cwd:
     # Mean Teacher with every patient labeled has no unlabeled stream.
     with pytest.raises(ValueError, match="unlabeled"):
         run_cli(
-            ["fit", f"--config={CONFIG}", f"--data.init_args.root={acdc_like_root}",
+            ["fit", *CONFIG, f"--data.init_args.root={acdc_like_root}",
              "--data.init_args.labeled_patients=null", "--data.init_args.unlabeled_batch_size=0",
              "--trainer.max_steps=1", *TINY_NETWORK]
         )
@@ -110,7 +110,7 @@ def test_method_and_data_mismatch_is_explained(acdc_like_root: Path, in_tmp_cwd:
 def test_console_script_prints_one_clear_line(in_tmp_cwd: Path) -> None:
     kdseg = Path(sys.executable).with_name("kdseg")
     result = subprocess.run(
-        [str(kdseg), "fit", f"--config={CONFIG}", "--data.init_args.root=/no/such/folder", *TINY_NETWORK],
+        [str(kdseg), "fit", *CONFIG, "--data.init_args.root=/no/such/folder", *TINY_NETWORK],
         capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300,
     )
     assert result.returncode == 2

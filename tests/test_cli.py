@@ -1,4 +1,4 @@
-"""Every config in experiments/ through the real CLI entry point, and the CLI's guarantees."""
+"""Every semantic stack of experiments/stacks.yaml through the real CLI entry point, and the CLI's guarantees."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
-from conftest import REPO, TINY_NETWORK, run_cli
+from conftest import REPO, STACKS, TINY_NETWORK, run_cli, stack
 
 PHANTOM_TINY_DATA = [
     "--data.init_args.num_train_patients=4",
@@ -19,27 +19,24 @@ PHANTOM_TINY_DATA = [
 ]
 
 
-def segmentation_configs(folder: str) -> list[Path]:
-    return sorted((REPO / "experiments" / folder).glob("*.yaml"))
+def segmentation_runs(dataset: str) -> list[str]:
+    return sorted(run for run in STACKS if run.split("/")[0] == dataset)
 
 
-def tiny_overrides(config: Path, acdc_root: Path) -> list[str]:
-    """Tiny data: the phantom for phantom configs, phantom-in-ACDC-layout for ACDC configs."""
-    if "acdc" in config.parts:
+def tiny_overrides(run: str, acdc_root: Path) -> list[str]:
+    """Tiny data: the phantom for phantom stacks, phantom-in-ACDC-layout for ACDC stacks."""
+    if run.startswith("acdc/"):
         data = [f"--data.init_args.root={acdc_root}"]
-        # Semi-supervised configs need unlabeled patients: 2 of the 6 train patients labeled.
-        text = config.read_text()
-        if "labeled_patients: null" not in text:
+        # Semi-supervised stacks need unlabeled patients: 2 of the 6 train patients labeled.
+        if "experiments/data/acdc_semi.yaml" in STACKS[run]:
             data.append("--data.init_args.labeled_patients=2")
         return data + TINY_NETWORK
     return PHANTOM_TINY_DATA + TINY_NETWORK
 
 
-@pytest.mark.parametrize(
-    "config", segmentation_configs("phantom") + segmentation_configs("acdc"), ids=lambda p: f"{p.parent.name}/{p.stem}"
-)
-def test_every_config_fast_dev_run(config: Path, acdc_like_root: Path, in_tmp_cwd: Path) -> None:
-    cli = run_cli(["fit", f"--config={config}", "--trainer.fast_dev_run=true", *tiny_overrides(config, acdc_like_root)])
+@pytest.mark.parametrize("run", segmentation_runs("phantom") + segmentation_runs("acdc"))
+def test_every_stack_fast_dev_run(run: str, acdc_like_root: Path, in_tmp_cwd: Path) -> None:
+    cli = run_cli(["fit", *stack(run), "--trainer.fast_dev_run=true", *tiny_overrides(run, acdc_like_root)])
     assert cli.trainer.state.finished
     assert "val/dice_mean" in cli.trainer.callback_metrics
     assert 0.0 <= float(cli.trainer.callback_metrics["val/dice_mean"]) <= 1.0
@@ -47,7 +44,7 @@ def test_every_config_fast_dev_run(config: Path, acdc_like_root: Path, in_tmp_cw
 
 def test_print_config_shows_method_and_data(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(["fit", f"--config={REPO / 'experiments/phantom/mean_teacher.yaml'}", "--print_config"])
+        run_cli(["fit", *stack("phantom/mean_teacher"), "--print_config"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "class_path: kdseg.methods.MeanTeacher" in out
@@ -58,21 +55,21 @@ def test_print_config_shows_method_and_data(capsys: pytest.CaptureFixture[str]) 
 def test_unknown_config_key_is_rejected_before_training(in_tmp_cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = in_tmp_cwd / "bad.yaml"
     bad.write_text(
-        (REPO / "experiments/phantom/supervised.yaml").read_text().replace("lr: 0.03", "lr: 0.03\n    learning_rte: 0.1")
+        (REPO / "experiments/budgets/phantom.yaml").read_text().replace("lr: 0.03", "lr: 0.03\n    learning_rte: 0.1")
     )
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(["fit", f"--config={bad}"])
+        run_cli(["fit", *stack("phantom/supervised"), f"--config={bad}"])
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert "learning_rte" in err
     assert not (in_tmp_cwd / "runs").exists()
 
 
-def _short_fit(in_tmp_cwd: Path, config: str, extra: list[str] = ()) -> "object":
+def _short_fit(in_tmp_cwd: Path, run: str, extra: list[str] = ()) -> "object":
     return run_cli(
         [
             "fit",
-            f"--config={REPO / 'experiments' / config}",
+            *stack(run),
             "--trainer.max_steps=4",
             "--trainer.val_check_interval=2",
             *PHANTOM_TINY_DATA,
@@ -83,7 +80,7 @@ def _short_fit(in_tmp_cwd: Path, config: str, extra: list[str] = ()) -> "object"
 
 
 def test_fit_test_predict_roundtrip_and_nothing_overwritten(in_tmp_cwd: Path) -> None:
-    cli = _short_fit(in_tmp_cwd, "phantom/mean_teacher.yaml")
+    cli = _short_fit(in_tmp_cwd, "phantom/mean_teacher")
     run_dir = Path(cli.trainer.log_dir)
     assert (run_dir / "config.yaml").is_file()
     best = cli.trainer.checkpoint_callback.best_model_path
@@ -92,7 +89,7 @@ def test_fit_test_predict_roundtrip_and_nothing_overwritten(in_tmp_cwd: Path) ->
 
     # A second identical run gets its own folder; the first one's files are untouched.
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
-    cli2 = _short_fit(in_tmp_cwd, "phantom/mean_teacher.yaml")
+    cli2 = _short_fit(in_tmp_cwd, "phantom/mean_teacher")
     assert Path(cli2.trainer.log_dir) != run_dir
     assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
 
@@ -122,13 +119,13 @@ def test_fit_test_predict_roundtrip_and_nothing_overwritten(in_tmp_cwd: Path) ->
 
 
 def test_pinned_logger_version_that_exists_is_refused(in_tmp_cwd: Path) -> None:
-    _short_fit(in_tmp_cwd, "phantom/supervised.yaml", ["--trainer.logger.init_args.version=fixed"])
+    _short_fit(in_tmp_cwd, "phantom/supervised", ["--trainer.logger.init_args.version=fixed"])
     with pytest.raises(FileExistsError, match="fixed"):
-        _short_fit(in_tmp_cwd, "phantom/supervised.yaml", ["--trainer.logger.init_args.version=fixed"])
+        _short_fit(in_tmp_cwd, "phantom/supervised", ["--trainer.logger.init_args.version=fixed"])
 
 
 def test_resume_restores_teacher_and_continues_steps(in_tmp_cwd: Path) -> None:
-    cli = _short_fit(in_tmp_cwd, "phantom/mean_teacher.yaml")
+    cli = _short_fit(in_tmp_cwd, "phantom/mean_teacher")
     last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=False)
     teacher_saved = {k: v for k, v in saved["state_dict"].items() if k.startswith("ema_teacher.")}
@@ -136,21 +133,21 @@ def test_resume_restores_teacher_and_continues_steps(in_tmp_cwd: Path) -> None:
     # Exactness of a resume that trains on (every weight, mid-epoch and at an epoch's end, after
     # signals and kill -9) is tested in tests/test_faults_resume.py.
 
-    resumed = _short_fit(in_tmp_cwd, "phantom/mean_teacher.yaml", ["--trainer.max_steps=4", f"--ckpt_path={last}"])
+    resumed = _short_fit(in_tmp_cwd, "phantom/mean_teacher", ["--trainer.max_steps=4", f"--ckpt_path={last}"])
     model = resumed.model
     # Nothing left to train (max_steps reached): the teacher is exactly the checkpoint's.
     assert resumed.trainer.global_step == 4
     for key, value in saved["state_dict"].items():  # student and teacher
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
 
-    continued = _short_fit(in_tmp_cwd, "phantom/mean_teacher.yaml", ["--trainer.max_steps=6", f"--ckpt_path={last}"])
+    continued = _short_fit(in_tmp_cwd, "phantom/mean_teacher", ["--trainer.max_steps=6", f"--ckpt_path={last}"])
     assert continued.trainer.global_step == 6
 
 
 def test_wandb_logger_snippet_offline(in_tmp_cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     cli = _short_fit(
-        in_tmp_cwd, "phantom/supervised.yaml", [f"--config={REPO / 'experiments/loggers/wandb.yaml'}"]
+        in_tmp_cwd, "phantom/supervised", [f"--config={REPO / 'experiments/loggers/wandb.yaml'}"]
     )
     from lightning.pytorch.loggers import WandbLogger
 

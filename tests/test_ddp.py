@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import REPO
+from conftest import stack
 
 TESTS = Path(__file__).resolve().parent
 
@@ -25,7 +25,7 @@ def test_ddp_two_cpu_processes_keep_ranks_identical(tmp_path: Path) -> None:
         "PYTHONWARNINGS": "ignore",
     }
     command = [
-        str(kdseg), "fit", f"--config={REPO / 'experiments/phantom/mean_teacher.yaml'}",
+        str(kdseg), "fit", *stack("phantom/mean_teacher"),
         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
         "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.enable_progress_bar=false",
         "--trainer.callbacks+=ddp_state_dump.StateDump",

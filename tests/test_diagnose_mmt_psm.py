@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import math
 
 import pytest
-from conftest import REPO, TINY_CYTOLOGY_PHANTOM, TINY_DETECTOR
+from conftest import REPO, TINY_CYTOLOGY_PHANTOM, TINY_DETECTOR, run_cli, stack
 
 SCRIPT = REPO / "experiments" / "isbi2014" / "diagnose_mmt_psm.py"
 PHANTOM = [
@@ -27,7 +29,12 @@ def diagnose():
 
 def test_probes_report_scores_and_gradient_norms(diagnose, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = [f"--config={REPO / 'experiments' / 'cytology_phantom' / 'mmt_psm.yaml'}", "--batches=1",
+    # The script reads one resolved config (a run's), here the stack's as --print_config writes it.
+    resolved = io.StringIO()
+    with contextlib.redirect_stdout(resolved), pytest.raises(SystemExit):
+        run_cli(["fit", *stack("cytology_phantom/mmt_psm"), "--print_config"])
+    (tmp_path / "config.yaml").write_text(resolved.getvalue())
+    args = [f"--config={tmp_path / 'config.yaml'}", "--batches=1",
             *TINY_DETECTOR, *PHANTOM]
     bn = diagnose.main(["bn", *args])
     assert set(bn) == {"checkpoint", "after_labeled", "after_unlabeled_clean", "after_unlabeled_perturbed"}

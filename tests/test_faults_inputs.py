@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_CYTOLOGY_PHANTOM, TINY_DETECTOR, TINY_NETWORK, run_cli
+from conftest import REPO, TINY_CYTOLOGY_PHANTOM, TINY_DETECTOR, TINY_NETWORK, run_cli, stack
 from test_instance_data import _write_coco
 
 from kdseg.callbacks.run_dir import evaluation_log_root
@@ -24,7 +24,7 @@ from kdseg.cli import ConfigError, console, differing_arguments
 from kdseg.data.coco import read_coco
 from kdseg.data.volume import DataError
 
-ACDC_MT = str(REPO / "experiments/acdc/mean_teacher.yaml")
+ACDC_MT = stack("acdc/mean_teacher")
 PHANTOM_TINY_DATA = [
     "--data.init_args.num_train_patients=4", "--data.init_args.num_val_patients=1",
     "--data.init_args.num_test_patients=1", "--data.init_args.num_slices=3", "--data.init_args.phantom_size=40",
@@ -88,7 +88,7 @@ def empty_volume(path: Path) -> None:
 def seg_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-step Mean Teacher phantom run; returns its best checkpoint."""
     out = tmp_path_factory.mktemp("seg_run")
-    cli = run_cli(["fit", f"--config={REPO / 'experiments/phantom/mean_teacher.yaml'}", "--trainer.max_steps=2",
+    cli = run_cli(["fit", *stack("phantom/mean_teacher"), "--trainer.max_steps=2",
                    "--trainer.val_check_interval=2", f"--trainer.logger.init_args.save_dir={out / 'runs'}",
                    *PHANTOM_TINY_DATA, *TINY_NETWORK])
     return Path(cli.trainer.checkpoint_callback.best_model_path)
@@ -101,7 +101,7 @@ def seg_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_volume_without_slices_is_named_before_training(case: str, broken_root: Path, in_tmp_cwd: Path) -> None:
     empty_volume(broken_root / "volumes" / f"{case}.h5")
     with pytest.raises(DataError, match="empty") as error:
-        run_cli(["fit", f"--config={ACDC_MT}", f"--data.init_args.root={broken_root}",
+        run_cli(["fit", *ACDC_MT, f"--data.init_args.root={broken_root}",
                  "--data.init_args.labeled_patients=2", "--trainer.max_steps=1", *TINY_NETWORK])
     assert f"{case}.h5" in str(error.value)
     assert not list(in_tmp_cwd.rglob("*.ckpt"))
@@ -112,9 +112,9 @@ def test_volume_without_slices_is_named_before_training(case: str, broken_root: 
 def test_labeled_patients_zero_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                            in_tmp_cwd: Path) -> None:
     with pytest.raises(ConfigError, match=r"^data.labeled_patients must be >= 1 or null, got 0$"):
-        run_cli(["fit", f"--config={REPO / 'experiments/phantom/mean_teacher.yaml'}",
+        run_cli(["fit", *stack("phantom/mean_teacher"),
                  "--data.init_args.labeled_patients=0", *TINY_NETWORK])
-    last = console_error(monkeypatch, capsys, ["fit", f"--config={REPO / 'experiments/phantom/mean_teacher.yaml'}",
+    last = console_error(monkeypatch, capsys, ["fit", *stack("phantom/mean_teacher"),
                                                "--data.init_args.labeled_patients=0"])
     assert last == "kdseg: error: data.labeled_patients must be >= 1 or null, got 0"
 
@@ -125,7 +125,7 @@ def test_ckpt_path_that_is_not_a_checkpoint_is_one_line(content: bytes, monkeypa
                                                         capsys: pytest.CaptureFixture[str], in_tmp_cwd: Path) -> None:
     bad = in_tmp_cwd / "model.ckpt"
     bad.write_bytes(content)
-    last = console_error(monkeypatch, capsys, ["test", f"--config={REPO / 'experiments/phantom/supervised.yaml'}",
+    last = console_error(monkeypatch, capsys, ["test", *stack("phantom/supervised"),
                                                f"--ckpt_path={bad}", *PHANTOM_TINY_DATA, *TINY_NETWORK])
     assert last.startswith(f"kdseg: error: {bad}: not a PyTorch checkpoint")
     assert run_folders(in_tmp_cwd) == []
@@ -133,7 +133,7 @@ def test_ckpt_path_that_is_not_a_checkpoint_is_one_line(content: bytes, monkeypa
 
 def test_ckpt_path_missing_file_is_named(in_tmp_cwd: Path) -> None:
     with pytest.raises(CheckpointError, match="nowhere.ckpt: checkpoint file does not exist"):
-        run_cli(["test", f"--config={REPO / 'experiments/phantom/supervised.yaml'}", "--ckpt_path=nowhere.ckpt",
+        run_cli(["test", *stack("phantom/supervised"), "--ckpt_path=nowhere.ckpt",
                  *PHANTOM_TINY_DATA, *TINY_NETWORK])
 
 
@@ -199,7 +199,7 @@ def test_crafted_checkpoint_never_runs(tmp_path: Path, monkeypatch: pytest.Monke
 def test_crafted_checkpoint_via_cli_never_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                                in_tmp_cwd: Path) -> None:
     path, marker = crafted_checkpoint(in_tmp_cwd)
-    last = console_error(monkeypatch, capsys, ["predict", f"--config={REPO / 'experiments/phantom/supervised.yaml'}",
+    last = console_error(monkeypatch, capsys, ["predict", *stack("phantom/supervised"),
                                                f"--ckpt_path={path}", *PHANTOM_TINY_DATA, *TINY_NETWORK])
     assert last.startswith(f"kdseg: error: {path}: refused to load")
     assert not marker.exists()
@@ -258,13 +258,12 @@ def test_segmentation_evaluation_argument_is_applied(seg_run: Path, in_tmp_cwd: 
 
 def test_model_class_other_than_the_checkpoint_is_refused(seg_run: Path, in_tmp_cwd: Path) -> None:
     with pytest.raises(ConfigError, match="the checkpoint is a kdseg.methods.MeanTeacher but the model given is"):
-        run_cli(["test", f"--config={REPO / 'experiments/phantom/supervised.yaml'}", f"--ckpt_path={seg_run}",
+        run_cli(["test", *stack("phantom/supervised"), f"--ckpt_path={seg_run}",
                  *PHANTOM_TINY_DATA, *TINY_NETWORK])
 
 
 def test_instance_predict_score_threshold_is_applied(in_tmp_cwd: Path) -> None:
-    config = REPO / "experiments" / "cytology_phantom" / "supervised.yaml"
-    fit = run_cli(["fit", f"--config={config}", "--trainer.max_steps=1", "--trainer.val_check_interval=1",
+    fit = run_cli(["fit", *stack("cytology_phantom/supervised"), "--trainer.max_steps=1", "--trainer.val_check_interval=1",
                    *TINY_CYTOLOGY_PHANTOM, *TINY_DETECTOR])
     best = fit.trainer.checkpoint_callback.best_model_path
     assert load_checkpoint(best)["hyper_parameters"]["predict_score_threshold"] == 0.5
@@ -309,12 +308,12 @@ def test_wandb_run_named_by_the_config_without_git_warning(in_tmp_cwd: Path, mon
     monkeypatch.setenv("WANDB_MODE", "offline")
     said: list[str] = []
     monkeypatch.setattr(wandb, "termwarn", lambda message, *a, **k: said.append(str(message)))
-    cli = run_cli(["fit", f"--config={REPO / 'experiments/phantom/supervised.yaml'}",
+    cli = run_cli(["fit", *stack("phantom/supervised"),
                    f"--config={REPO / 'experiments/loggers/wandb.yaml'}", "--trainer.max_steps=1",
                    "--trainer.val_check_interval=1", *PHANTOM_TINY_DATA, *TINY_NETWORK])
     logger = cli.trainer.logger
-    assert logger.experiment.name == "phantom_supervised"
-    assert str(logger.version).startswith("phantom_supervised-")
+    assert logger.experiment.name == "phantom_semi"  # the data layer names the run
+    assert str(logger.version).startswith("phantom_semi-")
     assert [p.name for p in (in_tmp_cwd / "runs" / "kdseg").iterdir()] == [logger.version]
     assert not [m for m in said if "git root" in m]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import STACKS, stack_config
 
 from kdseg.losses.entropy import entropy_map
 from kdseg.losses.segmentation import partial_cross_entropy
@@ -19,15 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 TINY4 = NetworkConfig(encoder_depth=4, decoder_channels=[32, 16, 8, 8])
 
 
-def _init_args(config: str) -> dict:
-    return yaml.safe_load((REPO / config).read_text())["model"]["init_args"]
+def _init_args(run: str) -> dict:
+    return stack_config(run)["model"]["init_args"]
 
 
 
 def test_ustm_consistency_ramps_to_one() -> None:
     """WSL4MIS train_weakly_supervised_ustm_2D.py: ``1.0 * sigmoid_rampup(iter // 1000, 60)``."""
     assert USTM(network=TINY4).consistency_weight == 1.0
-    for config in ("experiments/acdc/ustm.yaml", "experiments/phantom/ustm.yaml"):
+    for config in ("acdc/ustm", "phantom/ustm"):
         assert _init_args(config)["consistency_weight"] == 1.0, config
 
 
@@ -52,9 +53,9 @@ def test_action_stage3_uses_the_released_weight_and_batch() -> None:
 
     assert ActionAnatomicalContrast(network=TINY4).anco_weight == 0.01
     for name in ("action_stage3", "action_no_unsup", "action_no_stage2"):
-        assert _init_args(f"experiments/acdc/{name}.yaml")["anco_weight"] == 0.01, name
+        assert _init_args(f"acdc/{name}")["anco_weight"] == 0.01, name
     for name in ("action_stage3", "action_no_anco", "action_no_unsup", "action_no_stage2"):
-        data = yaml.safe_load((REPO / f"experiments/acdc/{name}.yaml").read_text())["data"]["init_args"]
+        data = stack_config(f"acdc/{name}")["data"]["init_args"]
         assert (data["batch_size"], data["unlabeled_batch_size"]) == (4, 4), name
 
 
@@ -70,14 +71,12 @@ def test_detector_optimiser_follows_the_public_mmt_psm_code() -> None:
     assert defaults["lr_warmup_steps"].default == 500
     assert defaults["lr_warmup_factor"].default == pytest.approx(1 / 3)
     assert defaults["weight_decay"].default == 1e-4
-    configs = sorted((REPO / "experiments/isbi2014").glob("*.yaml"))
-    assert configs
-    for config in configs:
-        text = yaml.safe_load(config.read_text())
-        if "trainer" not in text:
-            continue
-        assert "gradient_clip_val" not in text["trainer"], config.name
-        assert text["model"]["init_args"].get("lr_warmup_steps", 500) == 500, config.name
+    runs = [run for run in STACKS if run.startswith("isbi2014/")]
+    assert runs
+    for run in runs:
+        text = stack_config(run)
+        assert "gradient_clip_val" not in text["trainer"], run
+        assert text["model"]["init_args"].get("lr_warmup_steps", 500) == 500, run
     cpu = yaml.safe_load((REPO / "experiments/reproduce/profiles/cpu.yaml").read_text())
     assert "--trainer.gradient_clip_val=10.0" in str(cpu)
 
@@ -128,7 +127,7 @@ def test_ua_mt_threshold_scale_is_ln_2() -> None:
     from kdseg.methods.ua_mt import UncertaintyAwareMeanTeacher
 
     assert UncertaintyAwareMeanTeacher(network=TINY4).max_entropy == pytest.approx(math.log(2))
-    for config in ("experiments/acdc/ua_mt.yaml", "experiments/phantom/ua_mt.yaml"):
+    for config in ("acdc/ua_mt", "phantom/ua_mt"):
         assert _init_args(config)["max_entropy"] == pytest.approx(math.log(2)), config
 
 

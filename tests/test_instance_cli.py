@@ -1,5 +1,5 @@
-"""The cervical-cell data module, every instance-segmentation config (experiments/isbi2014,
-experiments/cytology_phantom) through the real ``kdseg`` CLI on tiny data, and the
+"""The cervical-cell data module, every instance-segmentation stack of experiments/stacks.yaml
+(isbi2014/*, cytology_phantom/*) through the real ``kdseg`` CLI on tiny data, and the
 fit -> test -> predict round trip."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-from conftest import REPO, TINY_CYTOLOGY_PHANTOM, TINY_DETECTOR, TINY_INSTANCE_SPLIT, run_cli
+from conftest import REPO, STACKS, TINY_CYTOLOGY_PHANTOM, TINY_DETECTOR, TINY_INSTANCE_SPLIT, run_cli, stack
 from skimage import io
 
 from kdseg.data.cytology_phantom import make_cytology_phantom
@@ -25,10 +25,13 @@ SPLIT = TINY_INSTANCE_SPLIT
 PHANTOM_TINY = TINY_CYTOLOGY_PHANTOM
 
 
-def instance_configs() -> list[Path]:
-    return sorted((REPO / "experiments" / "isbi2014").glob("*.yaml")) + sorted(
-        (REPO / "experiments" / "cytology_phantom").glob("*.yaml")
-    )
+def instance_runs() -> list[str]:
+    return sorted(run for run in STACKS if run.split("/")[0] in ("isbi2014", "cytology_phantom"))
+
+
+def stack_text(run: str) -> str:
+    """The run's layers, one after the other (later lines win, as in the CLI)."""
+    return "\n".join((REPO / layer).read_text() for layer in STACKS[run])
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +65,13 @@ def tiny_isbi(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root, edf
 
 
-def tiny_overrides(config: Path, isbi: tuple[Path, Path]) -> list[str]:
+def tiny_overrides(run: str, isbi: tuple[Path, Path]) -> list[str]:
     data = PHANTOM_TINY
-    if config.parent.name == "isbi2014":
+    if run.startswith("isbi2014/"):
         root, edf = isbi
         data = [f"--data.init_args.root={root}", f"--data.init_args.edf_root={edf}", "--data.init_args.image_size=64"]
         data += SPLIT
-    teacher = TEACHER_NOW if "ema_decay" in config.read_text() else []
+    teacher = TEACHER_NOW if "ema_decay" in stack_text(run) else []
     return [*data, *TINY, *teacher]
 
 
@@ -120,11 +123,11 @@ def test_datamodule_splits_sizes_and_sources(tiny_isbi: tuple[Path, Path], tmp_p
         CervicalCellDataModule(root="x", coco_json="y")
 
 
-@pytest.mark.parametrize("config", instance_configs(), ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_every_instance_config_fast_dev_run(config: Path, tiny_isbi: tuple[Path, Path], in_tmp_cwd: Path) -> None:
-    text = config.read_text()
+@pytest.mark.parametrize("run", instance_runs())
+def test_every_instance_stack_fast_dev_run(run: str, tiny_isbi: tuple[Path, Path], in_tmp_cwd: Path) -> None:
+    text = stack_text(run)
     assert "monitor: val/aji_mean" in text
-    cli = run_cli(["fit", f"--config={config}", "--trainer.fast_dev_run=true", *tiny_overrides(config, tiny_isbi)])
+    cli = run_cli(["fit", *stack(run), "--trainer.fast_dev_run=true", *tiny_overrides(run, tiny_isbi)])
     assert cli.trainer.state.finished
     metrics = cli.trainer.callback_metrics
     for key in ("val/aji_mean", "val/aji_gated_mean", "val/f1_mean", "val/dice_mean", "train/loss"):
@@ -138,9 +141,8 @@ def test_every_instance_config_fast_dev_run(config: Path, tiny_isbi: tuple[Path,
 
 
 def test_fit_test_predict_roundtrip_and_nothing_overwritten(in_tmp_cwd: Path) -> None:
-    config = REPO / "experiments" / "cytology_phantom" / "mmt_psm.yaml"
     cli = run_cli(
-        ["fit", f"--config={config}", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+        ["fit", *stack("cytology_phantom/mmt_psm"), "--trainer.max_steps=2", "--trainer.val_check_interval=2",
          *PHANTOM_TINY, *TINY, *TEACHER_NOW]
     )
     run_dir = Path(cli.trainer.log_dir)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from conftest import REPO, TINY_NETWORK, run_cli
+from conftest import TINY_NETWORK, run_cli, stack
 
 from kdseg.data.phantom import make_phantom_volumes
 
@@ -42,7 +42,7 @@ def test_raw_nifti_fit_test_predict(in_tmp_cwd: Path) -> None:
         f"--data.init_args.test_split={in_tmp_cwd / 'val.txt'}",
     ]
     cli = run_cli(
-        ["fit", f"--config={REPO / 'experiments/acdc/supervised.yaml'}", *common, "--data.init_args.labeled_patients=null",
+        ["fit", *stack("acdc/supervised"), *common, "--data.init_args.labeled_patients=null",
          "--trainer.max_steps=2", "--trainer.val_check_interval=2", *TINY_NETWORK]
     )
     run_dir = Path(cli.trainer.log_dir)

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_NETWORK, run_cli
+from conftest import TINY_NETWORK, run_cli, stack
 
 from kdseg.data.datamodule import ACDCDataModule
 from kdseg.data.protocol import resolve_protocol
@@ -102,7 +102,7 @@ def test_kdseg_fit_validates_and_kdseg_test_tests_the_protocol_patients(
 ) -> None:
     root = acdc_like_root if with_test_split else root_without_test
     fit = run_cli(
-        ["fit", f"--config={REPO / 'experiments/acdc/supervised.yaml'}", f"--data.init_args.root={root}",
+        ["fit", *stack("acdc/supervised"), f"--data.init_args.root={root}",
          "--data.init_args.fallback_val_patients=2", "--data.init_args.labeled_patients=2",
          "--trainer.max_steps=2", "--trainer.val_check_interval=2", *TINY_NETWORK]
     )

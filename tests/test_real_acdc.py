@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED_ACDC, requires_acdc, run_cli
+from conftest import SHARED_ACDC, requires_acdc, run_cli, stack
 
 pytestmark = [requires_acdc, pytest.mark.real_data]
 
@@ -15,7 +15,7 @@ pytestmark = [requires_acdc, pytest.mark.real_data]
 def test_acdc_config_fast_dev_run_on_real_data(config: str, in_tmp_cwd: Path) -> None:
     # The acceptance command as written, only without the progress bar.
     cli = run_cli(
-        ["fit", f"--config={REPO / 'experiments/acdc' / (config + '.yaml')}", f"--data.root={SHARED_ACDC}",
+        ["fit", *stack(f"acdc/{config}"), f"--data.root={SHARED_ACDC}",
          "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"]
     )
     assert cli.trainer.state.finished
@@ -26,7 +26,7 @@ def test_fit_then_test_with_a_test_split_on_real_data(in_tmp_cwd: Path) -> None:
     small = ["--data.image_size=64", "--model.init_args.network.encoder_depth=3",
              "--model.init_args.network.decoder_channels=[32,16,8]", "--trainer.enable_progress_bar=false"]
     cli = run_cli(
-        ["fit", f"--config={REPO / 'experiments/acdc/supervised.yaml'}", f"--data.root={SHARED_ACDC}",
+        ["fit", *stack("acdc/supervised"), f"--data.root={SHARED_ACDC}",
          "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--data.labeled_patients=3",
          "--trainer.limit_val_batches=2", *small]
     )

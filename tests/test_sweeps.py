@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, TINY_CYTOLOGY_PHANTOM, TINY_DETECTOR, TINY_NETWORK
+from conftest import REPO, STACKS, TINY_CYTOLOGY_PHANTOM, TINY_DETECTOR, TINY_NETWORK
 
 SWEEP_DIR = REPO / "experiments" / "sweeps"
 SWEEPS = sorted(SWEEP_DIR.glob("*.yaml"))
@@ -48,10 +48,10 @@ def load(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-def experiment_config(sweep: dict[str, Any]) -> Path:
-    """The method's config: the first ``--config`` of the command."""
+def experiment_layers(sweep: dict[str, Any]) -> list[str]:
+    """The run's stack of config layers: every ``--config`` of the command but the logger's."""
     configs = [c.split("=", 1)[1] for c in sweep["command"] if str(c).startswith("--config=")]
-    return REPO / configs[0]
+    return configs[:-1]
 
 
 def sample(spec: dict[str, Any], rng: random.Random) -> Any:
@@ -115,18 +115,17 @@ def test_sweep_file_is_well_formed(path: Path) -> None:
     assert sweep["method"] in ("bayes", "random")
     assert (REPO / sweep["program"]).is_file()
 
-    # The command: the agent's macros around `python -m kdseg.cli fit --config <method> --config <wandb>`.
+    # The command: the agent's macros around `python -m kdseg.cli fit <the run's stack> --config <wandb>`.
     command = [str(c) for c in sweep["command"]]
     assert command[:5] == ["${env}", "${interpreter}", "-m", "kdseg.cli", "fit"]
     assert command[-1] == "${args}"
     configs = [c.split("=", 1)[1] for c in command if c.startswith("--config=")]
-    assert len(configs) == 2 and configs[1] == LOGGER_SNIPPET
-    config = REPO / configs[0]
-    assert config.is_file() and config.stem == path.stem
-    assert config.parent.name in ("acdc", "isbi2014")
+    assert configs[-1] == LOGGER_SNIPPET
+    runs = [run for run in STACKS if STACKS[run] == configs[:-1] and run.split("/")[0] in ("acdc", "isbi2014")]
+    assert path.stem in [run.split("/")[1] for run in runs], "the stack of experiments/stacks.yaml named as the sweep"
 
     # The metric the run logs and its checkpoint monitors.
-    config_text = config.read_text()
+    config_text = "\n".join((REPO / layer).read_text() for layer in configs[:-1])
     monitor = "val/aji_mean" if "monitor: val/aji_mean" in config_text else "val/dice_mean"
     assert sweep["metric"] == {"name": monitor, "goal": "maximize"}
 
@@ -200,7 +199,7 @@ def run_agent_command(path: Path, acdc_root: Path, tmp_path: Path, real_run: boo
     }
     overrides = tiny_overrides(path, acdc_root)
     if path.stem != "mmt_psm":
-        if "labeled_patients: null" not in experiment_config(sweep).read_text():
+        if "experiments/data/acdc_semi.yaml" in experiment_layers(sweep):
             overrides.append("--data.init_args.labeled_patients=2")  # 2 of the 6 phantom train patients
     else:
         overrides += ["--model.init_args.warmup_steps=0", "--model.init_args.pseudo_label_score=0.0"]

@@ -14,7 +14,8 @@
 #               no_stage2:      stage1 -> action_no_stage2 (stage 3 from stage 1)
 #               no_anco:        stage1 -> stage2 -> action_no_anco
 #               no_unsup:       stage1 -> stage2 -> action_no_unsup
-#   CONFIG_DIR  folder of the configs (default experiments/acdc; experiments/phantom for the
+#   CONFIG_DIR  its last component names the dataset of the stacks (experiments/stacks.yaml) run:
+#               experiments/acdc (default) or experiments/phantom for the
 #               phantom versions: CONFIG_DIR=experiments/phantom run_action_chain.sh 2 -)
 #   KDSEG       the kdseg command (default: `kdseg` on PATH, else .venv/bin/kdseg of this repo)
 #
@@ -47,7 +48,15 @@ if [[ $(basename "$CONFIG_DIR") = acdc && $LABELED != 3 && $LABELED != 7 ]]; the
   echo "run_action_chain.sh: LABELED must be 3 or 7 (kdseg's ACDC settings), got $LABELED" >&2
   exit 2
 fi
-[[ -d $CONFIG_DIR ]] || { echo "run_action_chain.sh: no config folder $CONFIG_DIR" >&2; exit 2; }
+# CONFIG_DIR's last component names the dataset of the stacks in experiments/stacks.yaml.
+DATASET=$(basename "$CONFIG_DIR")
+grep -q "^$DATASET/action_stage1:" "$REPO/experiments/stacks.yaml" \
+  || { echo "run_action_chain.sh: no ACTION stacks for $DATASET in experiments/stacks.yaml" >&2; exit 2; }
+# The --config arguments of the stack <dataset>/<stage> of experiments/stacks.yaml.
+stack_args() {
+  awk -v run="$DATASET/$1:" -v repo="$REPO" '$0 == run {on = 1; next} on && /^  - / {print "--config=" repo "/" $2; next} {on = 0}' \
+    "$REPO/experiments/stacks.yaml"
+}
 
 case $VARIANT in
   full)      STAGES=(action_stage1 action_stage2 action_stage3) ;;
@@ -82,7 +91,8 @@ PREFIX="$(basename "$CONFIG_DIR")_action_${VARIANT}_l${LABELED}"
 for i in "${!STAGES[@]}"; do
   stage=${STAGES[$i]}
   name="${PREFIX}_stage$((i + 1))"
-  args=(fit "--config=$CONFIG_DIR/$stage.yaml" "${DATA_ARGS[@]}" "--trainer.logger.init_args.name=$name")
+  mapfile -t layers < <(stack_args "$stage")
+  args=(fit "${layers[@]}" "${DATA_ARGS[@]}" "--trainer.logger.init_args.name=$name")
   [[ -z $PREVIOUS ]] || args+=("--model.init_args.init_weights_from=$PREVIOUS")
   echo "run_action_chain.sh: stage $((i + 1))/${#STAGES[@]}: $KDSEG ${args[*]} ${EXTRA[*]:-}" >&2
   "$KDSEG" "${args[@]}" "${EXTRA[@]}" 2>&1 | tee "$LOG_DIR/$name.log"

@@ -1,7 +1,7 @@
 """Runs the ACDC scribble comparison at the CPU budget and tabulates it.
 
-For each (method, seed): ``kdseg fit`` with ``experiments/acdc/<method>.yaml`` +
-``experiments/profiles/cpu_scribble.yaml`` (ramp-ups scaled to the short run), then ``kdseg test``
+For each (method, seed): ``kdseg fit`` with the stack ``acdc/<method>`` of experiments/stacks.yaml +
+``experiments/budgets/cpu_scribble.yaml`` (ramp-ups scaled to the short run), then ``kdseg test``
 of the *last* checkpoint on the 10 validation patients (20 volumes), so the reported numbers carry
 no checkpoint-selection bias; the best validation Dice seen during training is reported beside it.
 Finished runs (a ``test_metrics.json`` in their folder) are skipped, so the script resumes.
@@ -20,12 +20,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[2]
 KDSEG = Path(sys.executable).with_name("kdseg")
-PROFILE = REPO / "experiments/profiles/cpu_scribble.yaml"
+PROFILE = REPO / "experiments/budgets/cpu_scribble.yaml"
+STACKS = REPO / "experiments/stacks.yaml"
 VAL_EVERY = 500  # trainer.val_check_interval of PROFILE
 
-#: ramp-up lengths at the CPU budget (the full-protocol configs in experiments/acdc ramp over 20% / 100% of 60k steps).
+#: ramp-up lengths at the CPU budget (the full-protocol stacks acdc/* ramp over 20% / 100% of 60k steps).
 RAMPS = {
     "scribsd_plus": ["--model.init_args.consistency_rampup_steps=300"],
     "scribsd_plus_no_kd": ["--model.init_args.consistency_rampup_steps=300"],
@@ -41,8 +44,8 @@ def run(method: str, seed: int, root: Path, out: Path) -> dict:
     done = sorted(run_root.glob("**/test_metrics.json"))
     if done:
         return json.loads(done[-1].read_text())
-    config = REPO / "experiments/acdc" / f"{method}.yaml"
-    fit = [str(KDSEG), "fit", f"--config={config}", f"--config={PROFILE}", f"--data.root={root}",
+    layers = yaml.safe_load(STACKS.read_text())[f"acdc/{method}"]
+    fit = [str(KDSEG), "fit", *(f"--config={REPO / layer}" for layer in layers), f"--config={PROFILE}", f"--data.root={root}",
            f"--seed_everything={seed}", f"--trainer.logger.init_args.save_dir={out}",
            f"--trainer.logger.init_args.name={method}_seed{seed}", *RAMPS.get(method, [])]
     print(" ".join(fit), flush=True)
@@ -131,7 +134,7 @@ def tabulate(out: Path, results_dir: Path, methods: list[str]) -> Path:
         "\nReal ACDC scribbles (70 train patients), `last.ckpt` evaluated on the 20 validation volumes (the step it "
         "holds is in the last column: runs of 2026-11-24 predate kdseg's LatestCheckpoint, when Lightning kept the "
         "latest *improving* state there); "
-        "budget `experiments/profiles/cpu_scribble.yaml` (128x128, MobileNetV3-small U-Net, batch 8, 1500 steps, "
+        "budget `experiments/budgets/cpu_scribble.yaml` (128x128, MobileNetV3-small U-Net, batch 8, 1500 steps, "
         "CPU). Distances in pixels (the HDF5 volumes carry no spacing). 'not run': no finished run at this "
         "budget; stopped runs are described in `scribsd_plus_runs.md`.\n"
     )

@@ -259,6 +259,8 @@ class CervicalCellDataModule(pl.LightningDataModule):
             when ``use_edf``).
         phantom_size, phantom_seed, phantom_cells, phantom_overlap: phantom generation
             (:func:`make_cytology_phantom`).
+        num_classes: classes including background (3: background, cytoplasm, nucleus), fixed by
+            the data; the CLI links it to the model's ``num_classes``.
     """
 
     class_names: dict[int, str] = dict(CLASS_NAMES)
@@ -293,8 +295,12 @@ class CervicalCellDataModule(pl.LightningDataModule):
         phantom_seed: int = 0,
         phantom_cells: tuple[int, int] = (2, 6),
         phantom_overlap: float = 0.3,
+        num_classes: int = len(CLASS_NAMES) + 1,
     ) -> None:
         super().__init__()
+        if num_classes != len(CLASS_NAMES) + 1:
+            raise ValueError(f"data.num_classes must be {len(CLASS_NAMES) + 1} (background, "
+                             f"{', '.join(CLASS_NAMES.values())}), got {num_classes}")
         if root is not None and coco_json is not None:
             raise ValueError("give data.root (ISBI 2014) or data.coco_json, not both")
         if num_labeled is not None and labeled_fraction is not None:
@@ -306,6 +312,7 @@ class CervicalCellDataModule(pl.LightningDataModule):
         for name, value in (("image_size", image_size), ("crop_size", crop_size)):
             if value is not None and value < 32:
                 raise ValueError(f"data.{name} must be >= 32 or null, got {value}")
+        self.num_classes = num_classes
         self.root = root
         self.coco_json = coco_json
         self.image_root = image_root

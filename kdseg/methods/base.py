@@ -51,8 +51,8 @@ class SegmentationMethod(Method):
 
     Args:
         network: the U-Net (encoder, depth, decoder channels).
-        num_classes: classes including background.
-        scribble_ignore_index: scribble value of unannotated pixels.
+        num_classes: classes including background (the CLI links it from the data).
+        scribble_ignore_index: scribble value of unannotated pixels (the CLI links it from the data).
         lr: initial SGD learning rate; decays as ``lr * (1 - t / T) ** poly_power`` over the run's
             optimizer steps (SSL4MIS / WSL4MIS schedule).
         momentum, weight_decay: SGD settings (0.9, 1e-4 in SSL4MIS).

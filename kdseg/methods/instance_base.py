@@ -52,7 +52,7 @@ class InstanceSegmentationMethod(Method):
 
     Args:
         detector: the Mask R-CNN (see :class:`~kdseg.networks.mask_rcnn.DetectorConfig`).
-        num_classes: classes including background (3 for the cervical cell data).
+        num_classes: classes including background (3; the CLI links it from the data).
         optimizer: ``sgd`` (momentum) or ``adamw``.
         lr, momentum, weight_decay: optimizer settings (MMT-PSM's public code: SGD, lr 0.005 for
             4 images, momentum 0.9, weight decay 1e-4).
@@ -117,13 +117,6 @@ class InstanceSegmentationMethod(Method):
     def class_names(self) -> dict[int, str]:
         names = getattr(getattr(self._trainer, "datamodule", None), "class_names", None) if self._trainer else None
         return dict(names) if names else dict(DEFAULT_CLASS_NAMES)
-
-    def on_fit_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = getattr(datamodule, "class_names", None)
-        if names is not None and len(names) + 1 != self.num_classes:
-            raise ValueError(f"model.num_classes={self.num_classes} but the data has classes {names} (+ background)")
-        super().on_fit_start()
 
     # -- callbacks -------------------------------------------------------------------------------
     def prediction_output_dir(self) -> str | Path:
