@@ -567,19 +567,17 @@ def test_bad_input_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert err.count("\n") == 1 and err.startswith(expected), err
 
 
-def test_submitit_local_executor_runs_a_run_and_the_local_one_skips_it(tmp_path: Path) -> None:
-    """One tiny real run as a submitit job (LocalExecutor: what ``--launcher slurm`` submits, run in
-    a process here); the local launcher then finds it finished."""
-    tiny = ["--only", "acdc_scribble/pce", "--set", "steps=2", "val_every=2", "--no-figures", "--papers", "none"]
-    cmd = reproduce_cmd(tmp_path / "out", tmp_path / "results", *tiny, jobs=1)
-    first = subprocess.run([*cmd, "--launcher", "submitit-local"], cwd=REPO, env=ENV, capture_output=True, text=True,
-                           timeout=600)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "acdc_scribble pce seed 0 submitted as submitit-local job" in first.stdout
-    assert "acdc_scribble pce seed 0 finished (submitit-local job" in first.stdout
-    assert list((tmp_path / "out" / "submitit").glob("*/*_result.pkl"))
-    row = _table(tmp_path / "results" / "smoke")[("acdc_scribble", "pce")]
-    assert row["status"] == "ok" and 0.0 <= _number(row, "dice_mean") <= 1.0
-    second = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0 and "acdc_scribble pce seed 0 skipped (finished)" in second.stdout, second.stdout
-    assert "started" not in second.stdout
+def test_submitit_local_executor_runs_a_run_and_the_local_one_skips_it(smoke_plans, tmp_path: Path) -> None:
+    """One real smoke run (pce) as a submitit job through its LocalExecutor (what ``--launcher
+    slurm`` submits, run in a process here); the local launcher then finds it finished."""
+    from kdseg.reproduce.launch import launch
+
+    pce, lines = smoke_plans[0], []
+    (result,) = launch([pce], tmp_path, "submitit-local", slurm={"cpus_per_task": 1}, say=lines.append)
+    assert result.status == "finished", lines
+    assert 0.0 <= result.metrics["dice_mean"] <= 1.0 and (result.folder / "fit.done.json").is_file()
+    assert any("pce seed 0 submitted as submitit-local job" in line for line in lines)
+    (result_file,) = (tmp_path / "submitit").glob("*/*_result.pkl")  # the job's own folder
+    assert "pce seed 0 finished in" in "".join(p.read_text() for p in result_file.parent.glob("*_log.out"))
+    (again,) = launch([pce], tmp_path, "local", say=lines.append)
+    assert again.status == "skipped" and again.metrics == result.metrics
