@@ -581,3 +581,15 @@ def test_submitit_local_executor_runs_a_run_and_the_local_one_skips_it(smoke_pla
     assert "pce seed 0 finished in" in "".join(p.read_text() for p in result_file.parent.glob("*_log.out"))
     (again,) = launch([pce], tmp_path, "local", say=lines.append)
     assert again.status == "skipped" and again.metrics == result.metrics
+
+
+def test_a_second_runner_on_one_out_is_refused(tmp_path: Path) -> None:
+    from kdseg.reproduce.launch import OutDirLock
+
+    with OutDirLock(tmp_path):
+        with pytest.raises(RuntimeError, match=r"another reproduce runner \(pid \d+\) is using"):
+            OutDirLock(tmp_path).__enter__()
+    (tmp_path / ".reproduce.lock").write_text(str(2**22 + 1))  # above pid_max: a runner that is gone
+    with OutDirLock(tmp_path):
+        assert (tmp_path / ".reproduce.lock").read_text() == str(os.getpid())
+    assert not (tmp_path / ".reproduce.lock").exists()

@@ -7,8 +7,8 @@ does (skip, resume, fresh fit), so the local and the Slurm launcher share one re
 ``submitit-local`` sends the same jobs through submitit's ``LocalExecutor`` (separate processes on
 this machine), to try a Slurm setup without a cluster. Slurm parameters are submitit's
 ``AutoExecutor`` ones (``slurm_partition``, ``timeout_min``, ``gpus_per_node``, ``cpus_per_task``,
-``mem_gb``, ``slurm_additional_parameters``...), from the profile's ``slurm`` block, then
-``--slurm KEY=VALUE``. Stopping the runner (Ctrl-C, SIGTERM) cancels its Slurm jobs, whose fits
+``mem_gb``, ``slurm_array_parallelism``...), from the profile's ``slurm`` block, then
+``--slurm KEY=VALUE``; ``--jobs`` only concerns the local launcher. Stopping the runner (Ctrl-C, SIGTERM) cancels its Slurm jobs, whose fits
 save their step and resume on the next call.
 """
 
@@ -38,9 +38,11 @@ class OutDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             pid = int(self.path.read_text().strip() or 0)
-            os.kill(pid, 0)
+            os.kill(pid, 0)  # ProcessLookupError: the runner that left the lock is gone
             raise RuntimeError(f"{self.path}: another reproduce runner (pid {pid}) is using {self.path.parent}")
-        except (OSError, ValueError):  # no lock, or its runner is gone
+        except PermissionError:  # alive, another user's
+            raise RuntimeError(f"{self.path}: another reproduce runner (pid {pid}) is using {self.path.parent}") from None
+        except (FileNotFoundError, ProcessLookupError, ValueError):
             self.path.write_text(str(os.getpid()))
         return self
 
@@ -76,7 +78,7 @@ def launch(runs: list[RunPlan], out: Path, launcher: str = "local", jobs: int = 
     if todo and launcher == "local":
         results.update(_local(todo, out, jobs, threads, say))
     elif todo:
-        results.update(_submitit(todo, out, launcher, jobs, {**SLURM_DEFAULTS, **(slurm or {})}, say))
+        results.update(_submitit(todo, out, launcher, {**SLURM_DEFAULTS, **(slurm or {})}, say))
     return [results.get(id(p)) or read_finished(out / "runs", p) or RunResult(p, "not_run") for p in runs]
 
 
@@ -101,7 +103,7 @@ def _local(todo: list[tuple[RunPlan, str]], out: Path, jobs: int, threads: int,
     return {id(plan): future.result() for future, plan in futures.items()}
 
 
-def _submitit(todo: list[tuple[RunPlan, str]], out: Path, launcher: str, jobs: int, params: dict[str, Any],
+def _submitit(todo: list[tuple[RunPlan, str]], out: Path, launcher: str, params: dict[str, Any],
               say: Callable[[str], None]) -> dict[int, RunResult]:
     import submitit
 
@@ -109,7 +111,7 @@ def _submitit(todo: list[tuple[RunPlan, str]], out: Path, launcher: str, jobs: i
                                      cluster="local" if launcher == "submitit-local" else "slurm")
     if launcher == "submitit-local":  # this machine's GPUs (if any) are not claimed
         params = {"gpus_per_node": 0, **{k: v for k, v in params.items() if k != "gpus_per_node"}}
-    executor.update_parameters(slurm_array_parallelism=max(1, jobs), **params)
+    executor.update_parameters(**params)
     threads = int(params.get("cpus_per_task") or 1)
     with executor.batch():
         submitted = [executor.submit(run_stages, plan, out, threads, print, prefix) for plan, prefix in todo]

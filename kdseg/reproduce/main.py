@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm", nargs="+", default=[], metavar="KEY=VALUE",
                    help="submitit AutoExecutor parameters over the profile's slurm block, e.g. "
                         "slurm_partition=gpu timeout_min=1440 gpus_per_node=1 cpus_per_task=8")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (local), or Slurm array parallelism")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (local launcher; Slurm: slurm_array_parallelism)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per local run (default cores // jobs)")
     p.add_argument("--only", nargs="+", default=[], metavar="SETTING[/METHOD]",
                    help="run only these entries (wildcards allowed); the table still shows every entry")
