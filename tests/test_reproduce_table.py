@@ -593,3 +593,21 @@ def test_a_second_runner_on_one_out_is_refused(tmp_path: Path) -> None:
     with OutDirLock(tmp_path):
         assert (tmp_path / ".reproduce.lock").read_text() == str(os.getpid())
     assert not (tmp_path / ".reproduce.lock").exists()
+
+
+def test_slurm_jobs_get_the_profile_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sbatch script submitit would submit for the paper profile, ``--slurm`` winning; without
+    Slurm on the machine the launcher stops with submitit's reason."""
+    from kdseg.reproduce.launch import SLURM_DEFAULTS, submitit_executor
+    from kdseg.reproduce.main import _number, _pairs
+
+    paper = load_profile(profile_path("paper", REPO / "experiments/reproduce/profiles"), load_matrix(MATRIX))
+    params = {**SLURM_DEFAULTS, **paper.slurm, **{k: _number(v) for k, v in _pairs(["timeout_min=60"], "").items()}}
+    with pytest.raises(RuntimeError, match="srun"):
+        monkeypatch.setenv("PATH", str(tmp_path))
+        submitit_executor(tmp_path, "slurm", params)
+    (tmp_path / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "srun").chmod(0o755)
+    script = submitit_executor(tmp_path, "slurm", params)._executor._make_submission_file_text("CMD", "0")
+    for line in ("--partition=gpu", "--gpus-per-node=1", "--cpus-per-task=8", "--time=60", "--mem=32GB"):
+        assert f"#SBATCH {line}\n" in script, script

@@ -103,8 +103,8 @@ def _local(todo: list[tuple[RunPlan, str]], out: Path, jobs: int, threads: int,
     return {id(plan): future.result() for future, plan in futures.items()}
 
 
-def _submitit(todo: list[tuple[RunPlan, str]], out: Path, launcher: str, params: dict[str, Any],
-              say: Callable[[str], None]) -> dict[int, RunResult]:
+def submitit_executor(out: Path, launcher: str, params: dict[str, Any]) -> Any:
+    """submitit's executor for ``slurm`` or ``submitit-local`` (job folders ``<out>/submitit/<job id>``)."""
     import submitit
 
     executor = submitit.AutoExecutor(folder=out / "submitit" / "%j",
@@ -112,7 +112,14 @@ def _submitit(todo: list[tuple[RunPlan, str]], out: Path, launcher: str, params:
     if launcher == "submitit-local":  # this machine's GPUs (if any) are not claimed
         params = {"gpus_per_node": 0, **{k: v for k, v in params.items() if k != "gpus_per_node"}}
     executor.update_parameters(**params)
-    threads = int(params.get("cpus_per_task") or 1)
+    return executor
+
+
+def _submitit(todo: list[tuple[RunPlan, str]], out: Path, launcher: str, params: dict[str, Any],
+              say: Callable[[str], None]) -> dict[int, RunResult]:
+    import submitit
+
+    executor, threads = submitit_executor(out, launcher, params), int(params.get("cpus_per_task") or 1)
     with executor.batch():
         submitted = [executor.submit(run_stages, plan, out, threads, print, prefix) for plan, prefix in todo]
     by_job = {job.job_id: (job, plan, prefix) for job, (plan, prefix) in zip(submitted, todo)}
