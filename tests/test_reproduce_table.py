@@ -1,12 +1,14 @@
 """``make reproduce-table`` (``python -m kdseg.reproduce``) on the smoke profile: tables and figures
 with real numbers, kill-and-resume, a failing entry, and the config key that names run folders.
 
-The end-to-end tests share one sequence (module fixture), because every ``kdseg`` subprocess
+The end-to-end tests (``slow``: minutes) share one sequence (module fixture), because every ``kdseg`` subprocess
 costs seconds of imports: run A is killed (SIGKILL to its process group, like a crash or a closed
 terminal) once the first run has finished *and* ACTION's first stage has written a checkpoint
 mid-fit; run B then finishes the rest. The selection is a subset of the real matrix plus one
 entry with a bad override (``crop_size`` larger than the images), which must fail alone.
-The whole smoke matrix runs behind the ``slow`` marker.
+The whole smoke matrix runs behind the ``slow`` marker too. Fast tests cover the same logic with a
+stand-in for the ``kdseg`` subprocesses (skip, resume, hand-on), one real run through submitit's
+LocalExecutor, and the bad-input lines.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ def _number(row: dict[str, str], metric: str) -> float:
     return float(row[f"{metric}_mean"])
 
 
+@pytest.mark.slow
 def test_smoke_table_and_figures_have_real_numbers(sequence: Sequence) -> None:
     results = sequence.results
     for name in ("table.md", "table.csv", "table.tex", "runs.csv"):
@@ -172,6 +175,7 @@ def test_smoke_table_and_figures_have_real_numbers(sequence: Sequence) -> None:
     assert not (results / "figures" / "qualitative_acdc_semi_7.png").exists()  # nothing finished there
 
 
+@pytest.mark.slow
 def test_resume_after_kill_runs_only_what_remained(sequence: Sequence) -> None:
     log_a, log_b = sequence.log_a, sequence.log_b
     assert "acdc_scribble pce seed 0 finished" in log_a
@@ -192,6 +196,7 @@ def test_resume_after_kill_runs_only_what_remained(sequence: Sequence) -> None:
     assert "cervical supervised seed 0 finished" in log_b
 
 
+@pytest.mark.slow
 def test_failing_run_is_reported_and_the_others_finish(sequence: Sequence) -> None:
     assert sequence.rc_b == 1, sequence.log_b
     assert "cervical broken seed 0 FAILED" in sequence.log_b
