@@ -52,24 +52,26 @@ GPU_CHECK_ARGS ?=
 gpu-check: $(STAMP)
 	$(PY) -m kdseg.gpu_check $(GPU_CHECK_ARGS)
 
-# ACTION's three stages in a row on ACDC: make action-chain LABELED=3 ROOT=../shared/data/acdc
-LABELED ?= 7
-ROOT ?= ../shared/data/acdc
+# ACTION's three stages (the matrix's entry) on ACDC with LABELED=3 or 7 patients, under PROFILE:
 action-chain: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH experiments/acdc/run_action_chain.sh $(LABELED) $(ROOT)
+	$(PY) -m kdseg.reproduce --profile $(PROFILE) --only acdc_semi_$(LABELED)/action $(REPRODUCE_ARGS)
 
 # The results table of every method in experiments/reproduce/matrix.yaml under a budget profile:
 #   make reproduce-table                 PROFILE=cpu: real data on 2 cores with JOBS=2, 25 runs (times: profiles/cpu.yaml)
 #   make reproduce-table PROFILE=smoke   the built-in phantoms, minutes, no data needed
-#   make reproduce-table PROFILE=paper   the papers' protocols (GPU)
+#   make reproduce-table PROFILE=paper LAUNCHER=slurm   the papers' protocols, one Slurm job (GPU) per run
+#        (submitit; parameters: the profile's slurm block, or SLURM="slurm_partition=gpu timeout_min=1440")
 # Runs go to runs/reproduce/$(PROFILE) (finished ones are skipped, interrupted ones resume), tables
 # and figures to experiments/results/$(PROFILE). REPRODUCE_ARGS passes more options
 # (--only acdc_scribble, --seeds 0, --set semi_steps=400, --max-runs 2; python -m kdseg.reproduce --help).
 PROFILE ?= cpu
 JOBS ?= 2
+LABELED ?= 7
+LAUNCHER ?= local
+SLURM ?=
 REPRODUCE_ARGS ?=
 reproduce-table: $(STAMP)
-	$(PY) -m kdseg.reproduce --profile $(PROFILE) --jobs $(JOBS) $(REPRODUCE_ARGS)
+	$(PY) -m kdseg.reproduce --profile $(PROFILE) --jobs $(JOBS) --launcher $(LAUNCHER) $(if $(SLURM),--slurm $(SLURM)) $(REPRODUCE_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -4,8 +4,6 @@ teacher isolation, and the pieces each loss is built from."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -46,7 +44,6 @@ LOGGED = {
     "ua_mt": {"train/L_sup", "train/L_cons", "train/uncertainty_threshold"},
 }
 TINY = NetworkConfig(encoder_depth=3, decoder_channels=[32, 16, 8])
-CHAIN = REPO / "experiments" / "acdc" / "run_action_chain.sh"
 
 
 @pytest.mark.parametrize("run", [f"{dataset}/{name}" for dataset in ("phantom", "acdc") for name in CONFIG_NAMES])
@@ -224,30 +221,3 @@ def test_ua_mt_batched_teacher_passes_without_noise_give_the_plain_entropy() -> 
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(uncertainty, predictive_entropy(torch.softmax(expected_logits, 1)[None]),
                                rtol=1e-4, atol=1e-5)
-
-
-# -- the chain script ------------------------------------------------------------------------------
-def _chain(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(CHAIN), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
-
-
-def test_chain_script_rejects_bad_arguments(tmp_path: Path) -> None:
-    result = _chain(["5", "/nowhere"], tmp_path)
-    assert result.returncode == 2 and "3 or 7" in result.stderr
-    result = _chain(["7", "/nowhere"], tmp_path, VARIANT="no_such")
-    assert result.returncode == 2 and "unknown VARIANT" in result.stderr
-    result = _chain([], tmp_path)
-    assert result.returncode == 2 and "usage" in result.stderr
-    assert not (tmp_path / "runs").exists()
-
-
-@pytest.mark.slow
-def test_chain_script_runs_the_three_stages_on_the_phantom(tmp_path: Path) -> None:
-    tiny = [*PHANTOM_TINY_DATA, *TINY_NETWORK, "--trainer.max_steps=2", "--trainer.val_check_interval=2"]
-    result = _chain(["2", "-", *tiny], tmp_path, CONFIG_DIR="experiments/phantom")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "initialised" in result.stdout + result.stderr
-    for stage in (1, 2, 3):
-        assert list((tmp_path / "runs" / f"phantom_action_full_l2_stage{stage}").glob("version_0/checkpoints/*.ckpt"))
-    assert "final model: runs/phantom_action_full_l2_stage3/version_0/checkpoints/best-" in result.stderr

@@ -1,12 +1,14 @@
 """``make reproduce-table`` (``python -m kdseg.reproduce``) on the smoke profile: tables and figures
 with real numbers, kill-and-resume, a failing entry, and the config key that names run folders.
 
-The end-to-end tests share one sequence (module fixture), because every ``kdseg`` subprocess
+The end-to-end tests (``slow``: minutes) share one sequence (module fixture), because every ``kdseg`` subprocess
 costs seconds of imports: run A is killed (SIGKILL to its process group, like a crash or a closed
 terminal) once the first run has finished *and* ACTION's first stage has written a checkpoint
 mid-fit; run B then finishes the rest. The selection is a subset of the real matrix plus one
 entry with a bad override (``crop_size`` larger than the images), which must fail alone.
-The whole smoke matrix runs behind the ``slow`` marker.
+The whole smoke matrix runs behind the ``slow`` marker too. Fast tests cover the same logic with a
+stand-in for the ``kdseg`` subprocesses (skip, resume, hand-on), one real run through submitit's
+LocalExecutor, and the bad-input lines.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def reproduce_cmd(out: Path, results: Path, *extra: str, jobs: int = 2) -> list[
 def test_makefile_target_runs_the_module_this_way() -> None:
     text = (REPO / "Makefile").read_text()
     assert "reproduce-table: $(STAMP)" in text
-    assert "$(PY) -m kdseg.reproduce --profile $(PROFILE) --jobs $(JOBS) $(REPRODUCE_ARGS)" in text
-    assert "PROFILE ?= cpu" in text
+    assert "$(PY) -m kdseg.reproduce --profile $(PROFILE) --jobs $(JOBS) --launcher $(LAUNCHER)" in text
+    assert "PROFILE ?= cpu" in text and "LAUNCHER ?= local" in text
+    assert "--only acdc_semi_$(LABELED)/action" in text  # make action-chain: the matrix's ACTION entry
 
 
 @dataclass
@@ -130,6 +133,7 @@ def _number(row: dict[str, str], metric: str) -> float:
     return float(row[f"{metric}_mean"])
 
 
+@pytest.mark.slow
 def test_smoke_table_and_figures_have_real_numbers(sequence: Sequence) -> None:
     results = sequence.results
     for name in ("table.md", "table.csv", "table.tex", "runs.csv"):
@@ -171,6 +175,7 @@ def test_smoke_table_and_figures_have_real_numbers(sequence: Sequence) -> None:
     assert not (results / "figures" / "qualitative_acdc_semi_7.png").exists()  # nothing finished there
 
 
+@pytest.mark.slow
 def test_resume_after_kill_runs_only_what_remained(sequence: Sequence) -> None:
     log_a, log_b = sequence.log_a, sequence.log_b
     assert "acdc_scribble pce seed 0 finished" in log_a
@@ -191,6 +196,7 @@ def test_resume_after_kill_runs_only_what_remained(sequence: Sequence) -> None:
     assert "cervical supervised seed 0 finished" in log_b
 
 
+@pytest.mark.slow
 def test_failing_run_is_reported_and_the_others_finish(sequence: Sequence) -> None:
     assert sequence.rc_b == 1, sequence.log_b
     assert "cervical broken seed 0 FAILED" in sequence.log_b
@@ -252,11 +258,14 @@ def test_shipped_matrix_profiles_and_papers_file_load() -> None:
     assert {"acdc_scribble", "acdc_semi_3", "acdc_semi_7", "cervical"} <= set(matrix.settings)
     assert {"pce", "pce_em", "dmpls", "scribsd_plus"} <= set(matrix.settings["acdc_scribble"].methods)
     action = matrix.settings["acdc_semi_7"].methods["action"]
-    assert [s.config.stem for s in action.stages] == ["action_stage1", "action_stage2", "action_stage3"]
+    assert [s.name for s in action.stages] == ["action_stage1", "action_stage2", "action_stage3"]
+    assert matrix.settings["acdc_semi_3"].methods["action"] == action  # ${settings.acdc_semi_3.methods}
     assert [s.hand_on for s in action.stages[:2]] == ["last", "best"]
     for name in ("smoke", "cpu", "paper"):
         profile = load_profile(profile_path(name, REPO / "experiments/reproduce/profiles"), matrix)
         assert profile.data.keys() == {"acdc", "isbi2014"}
+        if name == "paper":
+            assert profile.slurm["gpus_per_node"] == 1 and profile.slurm["slurm_partition"]
     papers = load_paper_numbers(PAPERS, matrix)
     assert papers.sources and papers.not_recorded
 
@@ -279,8 +288,11 @@ def test_bad_files_fail_with_the_file_and_entry_named(tmp_path: Path) -> None:
     matrix = load_matrix(write("m3.yaml", {"settings": {"s": {"task": "semantic", "data": "acdc", "methods": {
         "m": {"stages": [good_stage]}}}}}))
     profile = {"description": "d", "device": "cpu", "data": {"acdc": {"root": "x"}}}
-    with pytest.raises(SpecError, match=r"p1.yaml: overrides\[0\]: unknown variable \$\{steps\}"):
-        load_profile(write("p1.yaml", {**profile, "overrides": ["--trainer.max_steps=${steps}"]}), matrix)
+    with pytest.raises(SpecError, match=r"p1.yaml: overrides\[0\]: Interpolation key 'vars.steps' not found"):
+        load_profile(write("p1.yaml", {**profile, "overrides": ["--trainer.max_steps=${vars.steps}"]}), matrix)
+    p0 = write("p0.yaml", {**profile, "vars": {"steps": 3}, "overrides": ["--trainer.max_steps=${vars.steps}"]})
+    assert load_profile(p0, matrix).overrides == ("--trainer.max_steps=3",)
+    assert load_profile(p0, matrix, {"steps": "400"}).overrides == ("--trainer.max_steps=400",)  # --set
     with pytest.raises(SpecError, match=r"p2.yaml: settings.other: no such setting"):
         load_profile(write("p2.yaml", {**profile, "settings": {"other": {}}}), matrix)
     with pytest.raises(SpecError, match=r"p3.yaml: top level: unknown key\(s\) \['step'\]"):
@@ -301,7 +313,7 @@ def test_missing_real_data_is_a_clear_error(tmp_path: Path) -> None:
          "--results", str(tmp_path / "r"), "--threads", "1", "--only", "acdc_scribble", "--dry-run"],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
     )
-    assert run.returncode == 2
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and run.stderr.startswith("kdseg: error: ")
     assert f"data.acdc.root {tmp_path / 'nowhere'} holds no ACDC data" in run.stderr
     assert "PROFILE=smoke" in run.stderr
 
@@ -372,7 +384,7 @@ def _fake_finished_run(setting, method: str, seed: int, folder: Path, dice_by_ca
     lines += [f"{case},{d},1,1,ok,{d},1,1,ok,{d},1,1,ok" for case, d in dice_by_case.items()]
     (folder / "test_cases.csv").write_text("\n".join(lines) + "\n")
     mean = sum(dice_by_case.values()) / len(dice_by_case)
-    plan = RunPlan(1, setting, setting.methods[method], seed, None, [], True)
+    plan = RunPlan(setting, setting.methods[method], seed, None, [], True)
     return RunResult(plan, "finished", folder=folder, metrics={"dice_mean": mean})
 
 
@@ -446,17 +458,16 @@ def test_a_fit_that_exits_143_is_interrupted_not_failed(tmp_path: Path, monkeypa
 
     from kdseg.reproduce import execute, main
 
-    monkeypatch.setattr(execute, "install_signal_handlers", lambda executor: None)
     calls = []
 
-    def stopped_fit(self, subcommand, args, folder):  # type: ignore[no-untyped-def]
+    def stopped_fit(subcommand, args, folder, threads):  # type: ignore[no-untyped-def]
         calls.append(subcommand)
         logs = folder / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         (logs / "fit-1.err").write_text("kdseg: SIGTERM at step 3: state saved\n")
         return 128 + signals.SIGTERM, logs / "fit-1.log", logs / "fit-1.err"
 
-    monkeypatch.setattr(execute.Executor, "_call", stopped_fit)
+    monkeypatch.setattr(execute, "_call", stopped_fit)
     rc = main.run(["--profile", "smoke", "--only", "acdc_scribble/pce", "--out", str(tmp_path / "runs"),
                    "--results", str(tmp_path / "results")])
     log = capsys.readouterr().out
@@ -465,3 +476,143 @@ def test_a_fit_that_exits_143_is_interrupted_not_failed(tmp_path: Path, monkeypa
     assert "pce seed 0 FAILED" not in log and "0 FAILED, 1 not run" in log, log
     assert rc == 0
     assert not list((tmp_path / "runs").glob("**/last_failure.json"))
+
+
+# --------------------------------------------------------------------------- skip, resume, launchers
+
+
+@pytest.fixture(scope="module")
+def smoke_plans(tmp_path_factory: pytest.TempPathFactory):
+    """The smoke profile's plans of pce (one stage) and ACTION (three), keys and all."""
+    from kdseg.reproduce.plan import parse_selection, plan_runs
+
+    out = tmp_path_factory.mktemp("plans")
+    matrix = load_matrix(MATRIX)
+    profile = load_profile(profile_path("smoke", REPO / "experiments/reproduce/profiles"), matrix)
+    runs = plan_runs(matrix, profile, out, parse_selection(["acdc_scribble/pce", "acdc_semi_3/action"], matrix))
+    return [r for r in runs if r.selected]
+
+
+class FakeKdseg:
+    """Stands in for the ``kdseg`` subprocesses: writes what a fit / test leaves behind (a fit of
+    4 steps, its best checkpoint at its last step) and records the calls; the fits numbered in
+    ``stop`` are stopped as by SIGTERM (last.ckpt at step 2, exit 143)."""
+
+    def __init__(self, stop: tuple[int, ...] = ()) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+        self.stop, self.fits = stop, 0
+
+    def __call__(self, subcommand: str, args: list[str], folder: Path, threads: int) -> tuple[int, Path, Path]:
+        import torch
+
+        self.calls.append((subcommand, args))
+        name = next(a.split("=", 1)[1] for a in args if a.startswith("--trainer.logger.init_args.name="))
+        version = folder / name / f"version_{len(list((folder / name).glob('version_*')))}"
+        (version / "checkpoints").mkdir(parents=True)
+        if subcommand == "test":
+            (version / "test_metrics.json").write_text(json.dumps(
+                {"per_class": {"RV": {"dice_mean": 0.5}}, "mean": {"dice": 0.5}}))
+            return 0, folder / "test.log", folder / "test.err"
+        self.fits += 1
+        step = 2 if self.fits in self.stop else 4
+        (version / "config.yaml").write_text("trainer:\n  max_steps: 4\n")
+        state = {"global_step": step, "callbacks": {"ModelCheckpoint{}": {"current_score": 0.1 * step}}}
+        torch.save(state, version / "checkpoints" / "last.ckpt")
+        torch.save(state, version / "checkpoints" / f"best-{step}.ckpt")
+        return (143 if step == 2 else 0), folder / "fit.log", folder / "fit.err"
+
+
+def test_finished_runs_are_skipped_and_interrupted_fits_resume(smoke_plans, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdseg.reproduce import execute
+    from kdseg.reproduce.launch import launch
+
+    pce, action = smoke_plans
+    lines: list[str] = []
+    fake = FakeKdseg(stop=(3,))  # fits: pce, ACTION stage 1, stage 2 (stopped mid-fit), ...
+    monkeypatch.setattr(execute, "_call", fake)
+    assert [r.status for r in launch([pce], tmp_path, say=lines.append)] == ["finished"]
+    assert [c[0] for c in fake.calls] == ["fit", "test"]
+    assert launch([pce], tmp_path, say=lines.append)[0].status == "skipped" and len(fake.calls) == 2
+    assert any("pce seed 0 skipped (finished)" in line for line in lines)
+
+    fake.calls.clear()
+    (result,) = launch([action], tmp_path, say=lines.append)
+    assert result.status == "not_run"  # interrupted, not FAILED
+    assert any("interrupted after" in line and "(fit exited 143)" in line for line in lines)
+    stage1, stage2, stage3 = (tmp_path / "runs" / s.folder_name for s in action.stages)
+    last1 = json.loads((stage1 / "fit.done.json").read_text())["last"]
+    assert f"--model.init_args.init_weights_from={last1}" in fake.calls[1][1]  # hand_on: last
+    assert not (stage2 / "fit.done.json").exists()
+
+    fake.calls.clear()
+    (result,) = launch([action], tmp_path, say=lines.append)
+    assert result.status == "finished"
+    assert any("stage 1/3 (action_stage1): skipped (finished)" in line for line in lines)
+    assert f"--ckpt_path={stage2 / 'fit/version_0/checkpoints/last.ckpt'}" in fake.calls[0][1]  # resumed
+    best2 = json.loads((stage2 / "fit.done.json").read_text())["best"]
+    assert best2.endswith("version_1/checkpoints/best-4.ckpt")  # the best over both version folders
+    assert f"--model.init_args.init_weights_from={best2}" in fake.calls[1][1]  # hand_on: best
+    assert [c[0] for c in fake.calls] == ["fit", "fit", "test"] and (stage3 / "test_metrics.json").is_file()
+
+
+def test_bad_input_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kdseg.reproduce.main import run
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text("description: d\ndevice: cpu\ndata: {acdc: {phantom: {}}}\noverrides: ['--x=${vars.nope}']\n")
+    for argv, expected in (
+        (["--profile", str(profile)], f"kdseg: error: {profile}: overrides[0]: Interpolation key 'vars.nope' not found"),
+        (["--profile", str(tmp_path / "none.yaml")], f"kdseg: error: {tmp_path / 'none.yaml'}: the profile file does not exist"),
+        (["--profile", "smoke", "--only", "acdc_scribble/nothing"], "kdseg: error: --only acdc_scribble/nothing: matches no entry"),
+        (["--profile", "smoke", "--set", "steps"], "kdseg: error: --set steps: expected NAME=VALUE"),
+    ):
+        assert run([*argv, "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(expected), err
+
+
+def test_submitit_local_executor_runs_a_run_and_the_local_one_skips_it(smoke_plans, tmp_path: Path) -> None:
+    """One real smoke run (pce) as a submitit job through its LocalExecutor (what ``--launcher
+    slurm`` submits, run in a process here); the local launcher then finds it finished."""
+    from kdseg.reproduce.launch import launch
+
+    pce, lines = smoke_plans[0], []
+    (result,) = launch([pce], tmp_path, "submitit-local", slurm={"cpus_per_task": 1}, say=lines.append)
+    assert result.status == "finished", lines
+    assert 0.0 <= result.metrics["dice_mean"] <= 1.0 and (result.folder / "fit.done.json").is_file()
+    assert any("pce seed 0 submitted as submitit-local job" in line for line in lines)
+    (result_file,) = (tmp_path / "submitit").glob("*/*_result.pkl")  # the job's own folder
+    assert "pce seed 0 finished in" in "".join(p.read_text() for p in result_file.parent.glob("*_log.out"))
+    (again,) = launch([pce], tmp_path, "local", say=lines.append)
+    assert again.status == "skipped" and again.metrics == result.metrics
+
+
+def test_a_second_runner_on_one_out_is_refused(tmp_path: Path) -> None:
+    from kdseg.reproduce.launch import OutDirLock
+
+    with OutDirLock(tmp_path):
+        with pytest.raises(RuntimeError, match=r"another reproduce runner \(pid \d+\) is using"):
+            OutDirLock(tmp_path).__enter__()
+    (tmp_path / ".reproduce.lock").write_text(str(2**22 + 1))  # above pid_max: a runner that is gone
+    with OutDirLock(tmp_path):
+        assert (tmp_path / ".reproduce.lock").read_text() == str(os.getpid())
+    assert not (tmp_path / ".reproduce.lock").exists()
+
+
+def test_slurm_jobs_get_the_profile_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sbatch script submitit would submit for the paper profile, ``--slurm`` winning; without
+    Slurm on the machine the launcher stops with submitit's reason."""
+    from kdseg.reproduce.launch import SLURM_DEFAULTS, submitit_executor
+    from kdseg.reproduce.main import _number, _pairs
+
+    paper = load_profile(profile_path("paper", REPO / "experiments/reproduce/profiles"), load_matrix(MATRIX))
+    params = {**SLURM_DEFAULTS, **paper.slurm, **{k: _number(v) for k, v in _pairs(["timeout_min=60"], "").items()}}
+    with pytest.raises(RuntimeError, match="srun"):
+        monkeypatch.setenv("PATH", str(tmp_path))
+        submitit_executor(tmp_path, "slurm", params)
+    (tmp_path / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "srun").chmod(0o755)
+    script = submitit_executor(tmp_path, "slurm", params)._executor._make_submission_file_text("CMD", "0")
+    for line in ("--partition=gpu", "--gpus-per-node=1", "--cpus-per-task=8", "--time=60", "--mem=32GB"):
+        assert f"#SBATCH {line}\n" in script, script

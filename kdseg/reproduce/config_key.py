@@ -1,21 +1,9 @@
-"""The key of a run: a hash of its resolved config, so that a finished run is found again.
+"""The key of a run: a hash of its resolved config (``kdseg fit ... --print_config``), so that a
+finished run is found again and any change that can change results gives a new run.
 
-A run folder is named after :func:`config_key` of the config ``kdseg fit`` resolves (the output
-of ``--print_config``: method config, profile overrides, data arguments and seed, all merged and
-defaults filled in). Two invocations that would train the same thing therefore share one folder,
-and the reproduction resumes where it stopped; any change that can change results (a
-hyper-parameter, the budget, the data, the seed) gives another key and a new run.
-
-Fields that only say where and how a run reports are left out of the hash, so that moving the
-output folder, renaming a run or switching the logger does not retrain: ``trainer.logger``
-(CSV / W&B, its save_dir, name, version), ``trainer.default_root_dir``,
-``trainer.enable_progress_bar``, ``trainer.enable_model_summary``, ``trainer.log_every_n_steps``,
-``checkpoint.dirpath`` / ``checkpoint.verbose``, ``prediction_writer`` and ``ckpt_path`` (resuming
-continues the same run).
-
-Split files (``data.init_args.*_split``) enter the hash by their *content*, not their path, so the
-copy of the split files in each run folder and the shared copy used while planning give the same
-key.
+Fields that only say where and how a run reports (:data:`IGNORED_FIELDS`) are left out, so moving
+the output folder or switching the logger does not retrain; split files
+(``data.init_args.*_split``) count by their content, not their path.
 """
 
 from __future__ import annotations

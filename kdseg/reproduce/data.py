@@ -1,37 +1,15 @@
-"""Where a reproduction's data comes from, and which ACDC protocol its numbers follow.
+"""Where a reproduction's data comes from: a profile's ``data`` section names, per data kind,
+real files or the built-in phantoms::
 
-A profile's ``data`` section names, per data kind of the matrix (``acdc``, ``isbi2014``), either
-real files or the built-in phantoms:
+    acdc:      {root: ../shared/data/acdc, val_patients: 5, train_split: ..., test_split: ...}
+               or {phantom: {train_patients: 12, test_patients: 2, slices: 4, size: [40, 36], seed: 7}, ...}
+    isbi2014:  {root: ../shared/data/isbi2014, edf_root: ...}  or  {phantom: true}
 
-``acdc``::
-
-    acdc:
-      root: ../shared/data/acdc        # or phantom: {train_patients: 12, test_patients: 2, slices: 4,
-                                       #              size: [40, 36], seed: 7}
-      val_patients: 5                  # without splits/test.txt: the last N of train.txt select the checkpoint
-      train_split: ...                 # optional split files; given ones win (ACDCDataModule)
-      test_split: ...
-
-Which patients train, select the checkpoint and are tested is decided by ``ACDCDataModule``
-(:mod:`kdseg.data.protocol`), exactly as for a plain ``kdseg fit`` / ``kdseg test``: a root with
-``splits/test.txt`` follows the SSL4MIS protocol (train / val / test files as they are); the shared
-copy has none (its 20 test patients are withheld), so there the last ``val_patients`` patients of
-``splits/train.txt`` select the checkpoint and ``splits/val.txt`` is the test set. The runner only
-passes ``val_patients`` on (``--data.init_args.fallback_val_patients``) and resolves the same
-protocol once for the caption and the figures. The phantom variant writes phantom volumes in the
-same HDF5 layout first (:func:`kdseg.data.phantom.write_acdc_like`, train and val splits only), so
-the smoke profile runs exactly the code path of the real data.
-
-``isbi2014``::
-
-    isbi2014:
-      root: ../shared/data/isbi2014    # or phantom: true (CervicalCellDataModule with root: null)
-      edf_root: ../shared/data/isbi2014/edf
-
-ISBI 2014 needs no split files: :class:`~kdseg.data.instance_datamodule.CervicalCellDataModule`
-holds out ``num_val_images`` (checkpoint selection) and ``num_test_images`` (test) annotated
-images by ``split_seed`` before choosing the labeled ones; the caption states the numbers from the
-resolved config.
+Which ACDC patients train, select the checkpoint and are tested is ``ACDCDataModule``'s choice
+(:mod:`kdseg.data.protocol`); the runner passes ``val_patients`` on
+(``--data.init_args.fallback_val_patients``) and resolves the protocol once for the captions and
+figures. The ACDC phantom is written in the real HDF5 layout, so the smoke profile runs the real
+data path. ISBI 2014's held-out images are ``CervicalCellDataModule``'s.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""The figures beside the table: qualitative predictions and validation curves, per setting.
-
-- ``qualitative_<setting>.png``: rows are a few fixed test cases (ACDC: the first test patient's
-  two frames, each at its slice with the most ground-truth foreground; cervical cells: the first
-  two test images by id), columns the image, the ground truth and each method's prediction by the
-  checkpoint its table row tested (the lowest finished seed). Predictions are made with the real
-  ``kdseg predict`` (in this process, on the run's own saved config) into
-  ``<out>/figures/<key>/``, once: a later call reuses them, and nothing is written into run
-  folders.
-- ``val_dice_curves_<setting>.png``: validation Dice (``val/dice_mean``) against the training
-  step of each method's last stage, mean over its finished seeds, from the runs' ``metrics.csv``
-  (every version folder of a resumed fit); instance settings get a second panel with their
-  checkpoint monitor (``val/aji_mean``).
-
-A prediction that fails leaves its panel with the error's first line and a warning, rather than
-losing the table.
+"""The figures beside the table, per setting: ``qualitative_<setting>.png`` (a few fixed test cases:
+image, ground truth, and each method's prediction by the checkpoint its row tested, lowest finished
+seed; made once with the real ``kdseg predict`` into ``<out>/figures/<key>/``) and
+``val_dice_curves_<setting>.png`` (validation Dice, and for instance settings their monitor,
+against the step of each method's last stage, mean over finished seeds, over every version folder
+of a resumed fit). A prediction that fails leaves its panel with the error and a warning.
 """
 
 from __future__ import annotations

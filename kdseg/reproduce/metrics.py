@@ -1,18 +1,8 @@
-"""Which metrics the reproduction table reports for each task, and how they are read from the
-``test_metrics.json`` that ``kdseg test`` writes.
-
-Two tasks, because the two method families write different summaries:
-
-- ``semantic`` (U-Net methods, :meth:`kdseg.methods.base.SegmentationMethod`): per-volume Dice,
-  HD95 and ASD per class, summarised as ``per_class[<name>][<metric>_mean]`` and
-  ``mean[<metric>]`` (mean over classes of the per-class means);
-- ``instance`` (Mask R-CNN methods, :mod:`kdseg.methods.instance_base`): ``metrics`` holds
-  ``<metric>_<class>`` and ``<metric>_mean`` for AJI, gated AJI, F1@0.5, Dice of matched objects,
-  and mask mAP / AP50 / AP75.
-
-Both are flattened to one ``{metric id: value}`` mapping (:func:`flatten_test_metrics`) so that
-tables, the CSV and the papers' numbers (``paper_numbers.yaml``) share metric ids such as
-``dice_RV``, ``dice_mean``, ``hd95_mean`` or ``aji_mean``.
+"""Which metrics the table reports per task, read from ``kdseg test``'s ``test_metrics.json``:
+``semantic`` (``per_class[<name>][<metric>_mean]`` and ``mean[<metric>]``) and ``instance``
+(``metrics``: ``<metric>_<class>`` / ``<metric>_mean`` for AJI, gated AJI, F1@0.5, Dice, mAP, AP50,
+AP75), both flattened to ``{metric id: value}`` ids (``dice_RV``, ``hd95_mean``, ``aji_mean``) that
+the tables, the CSV and ``paper_numbers.yaml`` share.
 """
 
 from __future__ import annotations

@@ -1,21 +1,16 @@
-"""The matrix expanded into runs: every (setting, method, seed) with the exact ``kdseg fit``
-arguments of each of its stages and each stage's key.
+"""The matrix expanded into runs: every (setting, method, seed) with the ``kdseg fit`` arguments of
+each of its stages and each stage's key.
 
-Arguments of a stage, in the order they are given (later ones win, as in any ``kdseg`` command):
+A stage's arguments, later ones winning as in any ``kdseg`` command: ``--config`` for each file of
+the stage's stack, then the profile's config files of the setting; the matrix's overrides (setting,
+method, stage); the profile's (every run, the setting, ``per_config``); the data's
+(:mod:`kdseg.reproduce.data`) and ``--seed_everything``; from the second stage on
+``--model.init_args.init_weights_from`` the previous stage's checkpoint.
 
-1. ``--config=<stage config>`` then the profile's extra config files of the setting;
-2. the matrix's overrides: setting, method, stage;
-3. the profile's overrides: every run, the setting, the stage's method config (``per_config``),
-   with ``${vars}`` expanded;
-4. the data: root (for ACDC also ``fallback_val_patients`` and any split file the profile names;
-   the data module picks the protocol, :mod:`kdseg.data.protocol`), ``--seed_everything=<seed>``, and from the
-   second stage on ``--model.init_args.init_weights_from=<checkpoint of the previous stage>``.
-
-Keys are computed here, for every run of the matrix (not only the selected ones: the table shows
-every entry), from the resolved config (:func:`kdseg.reproduce.config_key.resolve_config`). The
-checkpoint a stage starts from does not exist before its previous stage ran, so while planning it
-is named by the previous stage's key and the checkpoint kind (``handed-on:<key>:best``): a later
-stage's key thus changes whenever an earlier stage's does.
+Keys are computed for every run of the matrix (the table shows every entry) from the resolved
+config (:mod:`kdseg.reproduce.config_key`). The checkpoint a stage starts from does not exist while
+planning, so it is named by the previous stage's key and kind (``handed-on:<key>:best``): a later
+stage's key changes whenever an earlier stage's does.
 """
 
 from __future__ import annotations
@@ -40,7 +35,7 @@ class StagePlan:
 
     index: int
     count: int
-    config: Path
+    name: str
     args: tuple[str, ...]
     hand_on: str
     key: str | None = None
@@ -50,7 +45,7 @@ class StagePlan:
 
     @property
     def folder_name(self) -> str:
-        return f"{self.config.stem}-{self.key}"
+        return f"{self.name}-{self.key}"
 
     @property
     def is_last(self) -> bool:
@@ -70,7 +65,6 @@ class StagePlan:
 class RunPlan:
     """One table cell's worth of work: a method's stages for one seed in one setting."""
 
-    index: int
     setting: Setting
     method: Method
     seed: int
@@ -86,12 +80,8 @@ class RunPlan:
     @property
     def error(self) -> str | None:
         """Why this run cannot start (data missing, a stage rejected by the CLI), else None."""
-        if self.unavailable:
-            return self.unavailable
-        for stage in self.stages:
-            if stage.error:
-                return f"stage {stage.index}/{stage.count} ({stage.config.name}): {stage.error}"
-        return None
+        bad = next((s for s in self.stages if s.error), None)
+        return self.unavailable or (bad and f"stage {bad.index}/{bad.count} ({bad.name}): {bad.error}")
 
     @property
     def final(self) -> StagePlan:
@@ -103,54 +93,35 @@ class RunPlan:
 
 
 def parse_selection(only: Sequence[str], matrix: Matrix) -> set[tuple[str, str]]:
-    """The (setting, method) pairs named by ``--only`` patterns (``setting`` or
-    ``setting/method``, shell wildcards allowed); all pairs when ``only`` is empty."""
+    """The (setting, method) pairs named by ``--only`` patterns (``setting`` or ``setting/method``,
+    shell wildcards allowed, comma-separated); all pairs when ``only`` is empty."""
     pairs = {(s, m) for s, setting in matrix.settings.items() for m in setting.methods}
-    if not only:
-        return pairs
-    chosen: set[tuple[str, str]] = set()
-    for pattern in only:
-        for item in pattern.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            spat, _, mpat = item.partition("/")
-            hits = {(s, m) for s, m in pairs if fnmatch.fnmatchcase(s, spat) and fnmatch.fnmatchcase(m, mpat or "*")}
-            if not hits:
-                names = ", ".join(f"{s}/{m}" for s, m in sorted(pairs))
-                raise SpecError(f"--only {item}: matches no entry of {matrix.path} ({names})")
-            chosen |= hits
-    return chosen
+    chosen = set()
+    for item in (i.strip() for pattern in only for i in pattern.split(",") if i.strip()):
+        spat, _, mpat = item.partition("/")
+        hits = {(s, m) for s, m in pairs if fnmatch.fnmatchcase(s, spat) and fnmatch.fnmatchcase(m, mpat or "*")}
+        if not hits:
+            raise SpecError(f"--only {item}: matches no entry of {matrix.path} "
+                            f"({', '.join(f'{s}/{m}' for s, m in sorted(pairs))})")
+        chosen |= hits
+    return chosen if only else pairs
 
 
-def stage_args(setting: Setting, method: Method, stage_index: int, profile: Profile, data: PreparedData,
+def stage_args(setting: Setting, method: Method, index: int, profile: Profile, data: PreparedData,
                seed: int) -> tuple[str, ...]:
     """The ``kdseg fit`` arguments of a stage, without the handed-on checkpoint."""
-    stage = method.stages[stage_index]
+    stage = method.stages[index]
     psetting = profile.settings.get(setting.name, ProfileSetting())
-    where = f"{setting.name}/{method.name} stage {stage_index + 1}"
-    return (
-        f"--config={stage.config}",
-        *(f"--config={c}" for c in psetting.configs),
-        *setting.overrides,
-        *method.overrides,
-        *stage.overrides,
-        *(profile.expand(o, where) for o in profile.overrides),
-        *(profile.expand(o, where) for o in psetting.overrides),
-        *(profile.expand(o, where) for o in profile.per_config.get(stage.config, ())),
-        *data.overrides,
-        f"--seed_everything={seed}",
-    )
-
-
-def handed_on_placeholder(key: str, kind: str) -> str:
-    return f"handed-on:{key}:{kind}"
+    return (*(f"--config={c}" for c in (*stage.configs, *psetting.configs)),
+            *setting.overrides, *method.overrides, *stage.overrides, *profile.overrides, *psetting.overrides,
+            *(o for c in stage.configs for o in profile.per_config.get(c, ())),
+            *data.overrides, f"--seed_everything={seed}")
 
 
 def plan_runs(matrix: Matrix, profile: Profile, out: Path, selection: set[tuple[str, str]],
               seeds: Sequence[int] | None = None) -> list[RunPlan]:
-    """Every run of the matrix under ``profile``, in matrix order (setting, method, seed), with
-    keys; ``selection`` marks the runs to execute.
+    """Every run of the matrix under ``profile`` in matrix order, with keys; ``selection`` marks
+    the runs to execute.
 
     Raises:
         SpecError: the profile has no data entry for a data kind the matrix uses.
@@ -164,53 +135,42 @@ def plan_runs(matrix: Matrix, profile: Profile, out: Path, selection: set[tuple[
             prepared[kind] = prepare_data(kind, profile.data[kind], out, str(profile.path))
         except DataUnavailable as error:
             prepared[kind] = error
-    for setting in matrix.settings.values():
-        problem = prepared[setting.data]
-        if isinstance(problem, DataUnavailable) and any(s == setting.name for s, _ in selection):
-            raise problem
-
-    runs: list[RunPlan] = []
-    cache: dict[tuple[str, ...], tuple[str, str, dict[str, Any]]] = {}
+    runs, cache = [], {}
     for setting in matrix.settings.values():
         data = prepared[setting.data]
+        if isinstance(data, DataUnavailable) and any(s == setting.name for s, _ in selection):
+            raise data
         for method in setting.methods.values():
             for seed in (tuple(seeds) if seeds else profile.seeds_for(setting.name, matrix)):
                 selected = (setting.name, method.name) in selection
                 if isinstance(data, DataUnavailable):
-                    runs.append(RunPlan(len(runs) + 1, setting, method, seed, None, [], selected, str(data)))
+                    runs.append(RunPlan(setting, method, seed, None, [], selected, str(data)))
                     continue
-                stages = _plan_stages(setting, method, profile, data, seed, cache)
-                runs.append(RunPlan(len(runs) + 1, setting, method, seed, data, stages, selected))
+                stages = [StagePlan(i + 1, len(method.stages), st.name,
+                                    stage_args(setting, method, i, profile, data, seed), st.hand_on)
+                          for i, st in enumerate(method.stages)]
+                _resolve(stages, cache)
+                runs.append(RunPlan(setting, method, seed, data, stages, selected))
     return runs
 
 
-def _plan_stages(setting: Setting, method: Method, profile: Profile, data: PreparedData, seed: int,
-                 cache: dict[tuple[str, ...], tuple[str, str, dict[str, Any]]]) -> list[StagePlan]:
-    stages: list[StagePlan] = []
-    previous: StagePlan | None = None
-    for i, stage in enumerate(method.stages):
-        plan = StagePlan(
-            index=i + 1, count=len(method.stages), config=stage.config,
-            args=stage_args(setting, method, i, profile, data, seed), hand_on=stage.hand_on,
-        )
-        stages.append(plan)
-        if previous is not None and previous.key is None:
-            plan.error = f"stage {previous.index} could not be planned"
-            previous = plan
-            continue
+def _resolve(stages: list[StagePlan], cache: dict[tuple[str, ...], tuple[str, str, dict]]) -> None:
+    """Fills each stage's resolved config and key (or its error) in order."""
+    previous = None
+    for plan in stages:
         full = list(plan.args)
         if previous is not None:
-            full.append(f"{INIT_WEIGHTS_ARG}={handed_on_placeholder(str(previous.key), previous.hand_on)}")
-        cached = cache.get(tuple(full))
-        if cached is None:
-            try:
-                text = resolve_config(full)
-                cached = (text, config_key(text), yaml.safe_load(text))
-            except ConfigError as error:
-                plan.error = f"kdseg rejected the arguments: {error}"
+            if previous.key is None:
+                plan.error = f"stage {previous.index} could not be planned"
                 previous = plan
                 continue
-            cache[tuple(full)] = cached
-        plan.resolved_text, plan.key, plan.resolved = cached
+            full.append(f"{INIT_WEIGHTS_ARG}=handed-on:{previous.key}:{previous.hand_on}")
+        if tuple(full) not in cache:
+            try:
+                text = resolve_config(full)
+                cache[tuple(full)] = (text, config_key(text), yaml.safe_load(text))
+            except ConfigError as error:
+                plan.error = f"kdseg rejected the arguments: {error}"
+        if not plan.error:
+            plan.resolved_text, plan.key, plan.resolved = cache[tuple(full)]
         previous = plan
-    return stages

@@ -1,30 +1,14 @@
-"""The results table: one table per setting, written as ``table.md``, ``table.csv`` and ``table.tex``.
+"""The results table: one table per setting, as ``table.md``, ``table.csv`` and ``table.tex``.
 
-Rows are the matrix's methods (in matrix order), each the mean +- sample standard deviation
-(``ddof=1``) over its finished seeds of the per-run test summary (per-class and mean values are
-means over test volumes or images, as ``kdseg test`` computes them), followed by the papers'
-numbers for that setting from ``paper_numbers.yaml``, marked "reported in <paper>, <table>".
-ACDC settings add a column with each method's per-volume paired difference in mean Dice to its
-label-only baseline and its bootstrap interval (:mod:`kdseg.reproduce.baseline`).
-A method none of whose seeds finished is shown as FAILED (or "not run") instead of being dropped,
-and the table ends with each failure's log and last stderr lines. The caption states the budget
-(profile, image size, iterations, encoder, device), the data and the ACDC protocol (which patients
-trained, selected the checkpoint and were tested; :mod:`kdseg.data.protocol`), and which checkpoint
-was tested, taken from the resolved configs of the runs rather than restated by hand.
-
-Semantic tables name the distance convention and unit in the HD95 / ASD headers (medpy, the
-papers' convention, unless the runs were tested with ``distance_convention: monai``) and end with
-a "missed / spurious" column: per class, how many test volumes over the finished seeds had the
-structure missed (or predicted where the ground truth has none), cases that enter the means with
-Dice 0 and the volume diagonal as distance (:mod:`kdseg.metrics.segmentation`).
-
-``table.csv`` has one row per (setting, method or reported row) with ``<metric>_mean``,
-``<metric>_std`` and ``<metric>_n`` columns (blank where a setting does not report a metric),
-``missed_<class>`` / ``spurious_<class>`` counts for semantic settings,
-``runs.csv`` one row per run (status, seconds, folders, failure), and every finished run's
-``test_metrics.json`` / ``test_cases.csv`` / ``result.json`` is copied to
-``runs/<setting>/<method>/seed<k>/`` beside the tables, so a results folder can be committed
-without the checkpoints.
+Rows are the matrix's methods (matrix order), each the mean +- sample std (``ddof=1``) over its
+finished seeds of the per-run test summary, then the papers' numbers for that setting ("reported
+in <paper>, <table>"). ACDC tables add the paired difference in mean Dice to the label-only
+baseline (:mod:`kdseg.reproduce.baseline`) and a "missed / spurious" count per class; HD95 / ASD
+headers name their convention and unit. A method with no finished seed shows FAILED or "not run",
+and the failures' logs close the table. Captions state budget, data, ACDC protocol and tested
+checkpoint from the runs' resolved configs. ``runs.csv`` has one row per run, and each finished
+run's ``test_metrics.json`` / ``test_cases.csv`` / ``result.json`` is copied to
+``runs/<setting>/<method>/seed<k>/`` beside the tables (a results folder without checkpoints).
 """
 
 from __future__ import annotations
@@ -315,6 +299,25 @@ def _misses_header(names: list[str]) -> str:
     return "missed / spurious: " + ", ".join(names)
 
 
+def _grid(setting: Setting, results: list[RunResult], papers: PaperNumbers | None
+          ) -> tuple[list[str], list[tuple[Row, list[str] | str]]]:
+    """The headers of a setting's table and, per row, its cells (or the status of a row with no
+    finished seed), shared by the markdown and LaTeX writers."""
+    rows = build_rows(setting, results, papers)
+    cols = _columns(setting, _unit(results, setting), _convention(results, setting))
+    names = _class_names(setting)
+    paired = compare_to_baseline(setting, results)
+    headers = [h for _, h, _ in cols] + ([_misses_header(names)] if names else []) + ([paired.header] if paired else [])
+    out: list[tuple[Row, list[str] | str]] = []
+    for row in rows:
+        if row.kind == "measured" and not row.seeds_finished:
+            out.append((row, row.status))
+            continue
+        cells = [_fmt(row.stats.get(m), d) for m, _, d in cols] + ([row.misses_cell(names)] if names else [])
+        out.append((row, cells + ([_paired_cell(paired, row)] if paired else [])))
+    return headers, out
+
+
 def markdown(matrix: Matrix, profile: Profile, results: list[RunResult], papers: PaperNumbers | None) -> str:
     """``table.md``: one section per setting, then the failures."""
     lines = [f"# Reproduction table: profile `{profile.name}`", "",
@@ -322,21 +325,12 @@ def markdown(matrix: Matrix, profile: Profile, results: list[RunResult], papers:
              + (f", papers' numbers `{papers.path.name}`" if papers else "") + ".", ""]
     failures: list[RunResult] = []
     for setting in matrix.settings.values():
-        rows = build_rows(setting, results, papers)
-        cols = _columns(setting, _unit(results, setting), _convention(results, setting))
-        names = _class_names(setting)
-        paired = compare_to_baseline(setting, results)
-        headers = [h for _, h, _ in cols] + ([_misses_header(names)] if names else []) + ([paired.header] if paired else [])
-        lines += [f"## {setting.name}: {setting.title}", ""]
-        lines.append("| method | seeds | iters | " + " | ".join(headers) + " |")
-        lines.append("|" + " --- |" * (3 + len(headers)))
-        for row in rows:
-            if row.kind == "measured" and not row.seeds_finished:
-                cells = [row.status + (" (see failures)" if row.seeds_failed else "")] + [DASH] * (len(headers) - 1)
-            else:
-                cells = [_fmt(row.stats.get(m), d) for m, _, d in cols] + ([row.misses_cell(names)] if names else [])
-            if paired and (row.kind != "measured" or row.seeds_finished):
-                cells.append(_paired_cell(paired, row))
+        headers, grid = _grid(setting, results, papers)
+        lines += [f"## {setting.name}: {setting.title}", "", "| method | seeds | iters | " + " | ".join(headers) + " |",
+                  "|" + " --- |" * (3 + len(headers))]
+        for row, cells in grid:
+            if isinstance(cells, str):
+                cells = [cells + (" (see failures)" if row.seeds_failed else "")] + [DASH] * (len(headers) - 1)
             iters = row.iterations if row.kind == "measured" else DASH
             lines.append(f"| {row.label} | {row.seeds_cell()} | {iters} | " + " | ".join(cells) + " |")
             failures += row.failures
@@ -372,26 +366,18 @@ def latex(matrix: Matrix, profile: Profile, results: list[RunResult], papers: Pa
     """``table.tex``: one booktabs table per setting (needs ``\\usepackage{booktabs}``)."""
     out = [f"% Reproduction table, profile {profile.name}; written by python -m kdseg.reproduce. Needs booktabs."]
     for setting in matrix.settings.values():
-        rows = build_rows(setting, results, papers)
-        cols = _columns(setting, _unit(results, setting), _convention(results, setting))
-        names = _class_names(setting)
-        paired = compare_to_baseline(setting, results)
-        headers = [h for _, h, _ in cols] + ([_misses_header(names)] if names else []) + ([paired.header] if paired else [])
-        out += [r"\begin{table}[t]", r"\centering", r"\small",
-                r"\begin{tabular}{l" + "c" * (2 + len(headers)) + "}", r"\toprule",
-                " & ".join(["Method", "Seeds", "Iters", *(tex_escape(h) for h in headers)]) + r" \\", r"\midrule"]
-        for row in rows:
-            if row.kind == "reported" and rows and row is next(r for r in rows if r.kind == "reported"):
+        headers, grid = _grid(setting, results, papers)
+        out += [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{l" + "c" * (2 + len(headers)) + "}",
+                r"\toprule", " & ".join(["Method", "Seeds", "Iters", *(tex_escape(h) for h in headers)]) + r" \\",
+                r"\midrule"]
+        first_reported = next((row for row, _ in grid if row.kind == "reported"), None)
+        for row, cells in grid:
+            if row is first_reported:
                 out.append(r"\midrule")
-            if row.kind == "measured" and not row.seeds_finished:
-                cells = [rf"\multicolumn{{{len(headers)}}}{{c}}{{{tex_escape(row.status)}}}"]
-            else:
-                cells = [tex_escape(_fmt(row.stats.get(m), d)) for m, _, d in cols]
-                cells += [tex_escape(row.misses_cell(names))] if names else []
-                if paired:
-                    cells.append(tex_escape(_paired_cell(paired, row)))
+            tex = ([rf"\multicolumn{{{len(headers)}}}{{c}}{{{tex_escape(cells)}}}"] if isinstance(cells, str)
+                   else [tex_escape(c) for c in cells])
             iters = tex_escape(row.iterations) if row.kind == "measured" else "--"
-            out.append(" & ".join([tex_escape(row.label), tex_escape(row.seeds_cell()), iters, *cells]) + r" \\")
+            out.append(" & ".join([tex_escape(row.label), tex_escape(row.seeds_cell()), iters, *tex]) + r" \\")
         out += [r"\bottomrule", r"\end{tabular}",
                 rf"\caption{{{tex_escape(setting.title)}. {tex_escape(caption(setting, results, profile, papers))}}}",
                 rf"\label{{tab:reproduce-{setting.name.replace('_', '-')}}}", r"\end{table}", ""]
