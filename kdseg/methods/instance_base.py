@@ -42,10 +42,8 @@ class InstanceSegmentationMethod(Method):
         detector: the Mask R-CNN (see :class:`~kdseg.networks.mask_rcnn.DetectorConfig`).
         num_classes: classes including background (3; the CLI links it from the data).
         optimizer: ``sgd`` (momentum) or ``adamw``.
-        lr, momentum, weight_decay: optimizer settings (MMT-PSM's public code: SGD, lr 0.005 for
-            4 images, momentum 0.9, weight decay 1e-4).
-        lr_warmup_steps, lr_warmup_factor: linear learning-rate warm-up from ``lr *
-            lr_warmup_factor`` (maskrcnn-benchmark's defaults, kept by MMT-PSM: 500 steps from 1/3).
+        lr, momentum, weight_decay: optimizer settings (MMT-PSM's public code: 0.005 for 4 images, 0.9, 1e-4).
+        lr_warmup_steps, lr_warmup_factor: linear warm-up from ``lr * lr_warmup_factor`` (MMT-PSM: 500, 1/3).
         poly_power: then ``(1 - t / T) ** poly_power``. Departure: MMT-PSM steps it down at 5000 of
             7000; one schedule for every kdseg method leaves the detectors apart only by their losses.
         (Sources, and gradient clipping: ``experiments/results/notes/mmt_psm.md``.)

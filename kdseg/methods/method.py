@@ -36,8 +36,7 @@ C = TypeVar("C")
 
 def dataclass_hparam(cls: type[C], value: C | dict[str, Any]) -> C:
     """A dataclass argument read back from ``self.hparams``: the object itself, or rebuilt from the
-    plain dict that LightningCLI saves in its place (the dumped config, so ``hparams.yaml`` is
-    plain YAML)."""
+    plain dict LightningCLI saves in its place (so ``hparams.yaml`` is plain YAML)."""
     return value if isinstance(value, cls) else cls(**value)
 
 
@@ -138,8 +137,7 @@ class Method(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.evaluator.reset()
 
-    def on_test_epoch_start(self) -> None:
-        self.evaluator.reset()
+    on_test_epoch_start = on_validation_epoch_start
 
     def on_validation_epoch_end(self) -> None:
         self._end_evaluation("val")
