@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from kdseg.data.volume import DataError
 
@@ -69,3 +70,31 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     if not isinstance(content, dict):
         raise CheckpointError(f"{path}: not a Lightning checkpoint (holds a {type(content).__name__}, expected a dict)")
     return content
+
+
+def load_matching_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Copies into ``module`` every tensor of the checkpoint's ``state_dict`` whose name and shape
+    match (``init_weights_from``: no optimizer state or step); a student-only checkpoint also
+    initialises an ``ema_teacher``.
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        CheckpointError: not a checkpoint, or one holding more than tensors and plain values.
+        ValueError: the checkpoint has no weights for the student's U-Net.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: init_weights_from names no checkpoint file")
+    state = load_checkpoint(path).get("state_dict", {})
+    own = module.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not any(k.startswith("student.unet.") for k in matched):
+        raise ValueError(f"{path}: no student U-Net weights of this architecture in the checkpoint")
+    if hasattr(module, "ema_teacher") and not any(k.startswith("ema_teacher.") for k in matched):
+        # An earlier student-only run: its student also initialises the teacher.
+        matched.update({
+            "ema_teacher." + k[len("student."):]: v for k, v in matched.items()
+            if k.startswith("student.") and "ema_teacher." + k[len("student."):] in own
+        })
+    module.load_state_dict(matched, strict=False)
+    rank_zero_info(f"initialised {len(matched)} of {len(own)} tensors from {path}")

@@ -49,6 +49,15 @@ class InstancePredictionWriter(VolumePredictionWriter):
     def __init__(self, output_dir: str | Path = "predictions") -> None:
         super().__init__(output_dir=output_dir)
 
+    @classmethod
+    def replacing(cls, trainer: pl.Trainer | None, output_dir: str | Path | None) -> InstancePredictionWriter:
+        """The writer into ``output_dir``; None: the trainer's volume writer's folder (the CLI's
+        ``--prediction_writer.output_dir``), else ``predictions``."""
+        if not output_dir:
+            writers = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, VolumePredictionWriter)]
+            output_dir = writers[0].output_dir if writers else "predictions"
+        return cls(output_dir)
+
     def targets_for(self, image_id: str) -> list[Path]:
         name = safe_name(image_id)
         return [self.output_dir / f"{name}.npz", self.output_dir / f"{name}_overlay.png"]

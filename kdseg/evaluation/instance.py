@@ -14,7 +14,9 @@ from kdseg.evaluation.base import Evaluator
 from kdseg.metrics.instance import InstanceMetricAccumulator
 from kdseg.metrics.native_size import masks_to_size
 
-__all__ = ["InstanceEvaluator", "format_instance_table", "json_safe", "pack_masks", "unpack_masks"]
+__all__ = [
+    "InstanceEvaluator", "format_instance_table", "instance_test_summary", "json_safe", "pack_masks", "unpack_masks"
+]
 
 #: ``(image_id, prediction, ground truth)``, masks bit-packed.
 Record = tuple[str, dict[str, Any], dict[str, Any]]
@@ -62,13 +64,14 @@ class InstanceEvaluator(Evaluator[Record]):
             self.add((str(image_id), pred, gt))
 
     def accumulate(
-        self, class_names: dict[int, str], score_threshold: float, max_detections: int
+        self, class_names: dict[int, str], score_threshold: float, max_detections: int,
+        records: list[Record] | None = None,
     ) -> InstanceMetricAccumulator:
-        """The metrics of every rank's records (a collective under DDP)."""
+        """The metrics of ``records`` (default: every rank's, a collective under DDP)."""
         accumulator = InstanceMetricAccumulator(
             classes=class_names, score_threshold=score_threshold, max_detections=max_detections
         )
-        for image_id, pred, gt in self.gathered():
+        for image_id, pred, gt in self.gathered() if records is None else records:
             pred = {**pred, "masks": unpack_masks(pred["masks"])}
             accumulator.update(pred, {**gt, "masks": unpack_masks(gt["masks"])}, image_id)
         return accumulator
@@ -81,3 +84,22 @@ def format_instance_table(summary: dict[str, float], class_names: dict[int, str]
     for metric in ("aji", "aji_gated", "f1", "dice", "map", "ap50", "ap75"):
         lines.append(f"{metric:<10} " + " ".join(f"{summary[f'{metric}_{n}']:>10.4f}" for n in columns))
     return "\n".join(lines)
+
+
+def instance_test_summary(
+    summary: dict[str, float], method: str, checkpoint: str | None, datamodule: Any,
+    class_names: dict[int, str], score_threshold: float,
+) -> dict[str, Any]:
+    """``test_metrics.json`` of an instance method: the metrics and what they were scored on."""
+    return {
+        "method": method,
+        "checkpoint": checkpoint,
+        "data": getattr(datamodule, "source_name", None),
+        "num_images": int(summary["num_images"]),
+        "class_names": {int(k): v for k, v in class_names.items()},
+        "score_threshold": score_threshold,
+        # The size the metrics were scored at: native unless the data module says otherwise.
+        "image_size": getattr(datamodule, "image_size", None),
+        "eval_native_size": bool(getattr(datamodule, "eval_native_size", True)),
+        "metrics": {k: json_safe(float(v)) for k, v in summary.items() if k != "num_images"},
+    }

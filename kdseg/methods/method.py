@@ -1,15 +1,13 @@
 """The one base of every method, semantic or instance, and the EMA teacher they share.
 
-:class:`Method` saves the constructor arguments, then builds the networks through hooks, in this
-order (which fixes the order in which initial weights are drawn)::
+:class:`Method` saves the constructor arguments, then builds the networks in this order (which
+fixes the order in which initial weights are drawn)::
 
     save_hyperparameters() -> configure_models() -> configure_heads(student) -> configure_teacher()
 
-so a subclass reads its arguments from ``self.hparams`` in a hook and never sets attributes
-before ``super().__init__``. It also owns the optimizer and learning-rate schedule, the checks
-before training and the evaluator's per-epoch reset; each family
-(:mod:`kdseg.methods.base`, :mod:`kdseg.methods.instance_base`) builds its student, evaluates
-with its :mod:`kdseg.evaluation` evaluator and predicts.
+It owns the optimizer and schedule, the checks before training and the validation / test loop
+around the family's evaluator; each family (:mod:`kdseg.methods.base`,
+:mod:`kdseg.methods.instance_base`) builds its student, scores a batch and summarises an epoch.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from torch import Tensor, nn
 
 from kdseg.callbacks.ema import EMATeacher
 from kdseg.callbacks.run_dir import run_dir
-from kdseg.evaluation import Evaluator
+from kdseg.evaluation import Evaluator, write_test_results
 from kdseg.schedules import warmup_poly
 
 # The EMA teacher is in eval mode on purpose (see EMATeacherMixin); Lightning warns about it.
@@ -38,18 +36,14 @@ C = TypeVar("C")
 
 def dataclass_hparam(cls: type[C], value: C | dict[str, Any]) -> C:
     """A dataclass argument read back from ``self.hparams``: the object itself, or rebuilt from the
-    plain dict that LightningCLI saves in its place (the dumped config, so ``hparams.yaml`` is
-    plain YAML)."""
+    plain dict LightningCLI saves in its place (so ``hparams.yaml`` is plain YAML)."""
     return value if isinstance(value, cls) else cls(**value)
 
 
 class Method(pl.LightningModule):
-    """A ``student`` network trained by a subclass's ``training_step``; shared plumbing.
-
-    Hyperparameters read here (each family's constructor declares them): ``lr``, ``momentum``,
-    ``weight_decay``, ``poly_power`` and, where the family has them, ``optimizer`` (``sgd`` or
-    ``adamw``; default ``sgd``), ``lr_warmup_steps`` / ``lr_warmup_factor`` (default: none).
-    """
+    """A ``student`` trained by a subclass's ``training_step``. Reads ``lr``, ``momentum``,
+    ``weight_decay``, ``poly_power`` and, where declared, ``optimizer`` (default ``sgd``),
+    ``lr_warmup_steps`` / ``lr_warmup_factor`` (default: none) from ``self.hparams``."""
 
     #: whether ``training_step`` needs the unlabeled stream.
     uses_unlabeled: bool = False
@@ -122,11 +116,45 @@ class Method(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- evaluation ----------------------------------------------------------------------------------
+    #: logged metrics also shown in the progress bar.
+    progress_bar_metrics: tuple[str, ...] = ()
+
+    def evaluate_batch(self, batch: Any, stage: str) -> None:
+        """Hook: add the rows of one ``val`` / ``test`` batch to ``self.evaluator``."""
+        raise NotImplementedError
+
+    def summarise(self, rows: list[Any], stage: str) -> tuple[dict[str, float], tuple[Any, ...] | None]:
+        """Hook: the epoch's metrics, logged as ``<stage>/<name>``, and at test the arguments of
+        :func:`~kdseg.evaluation.write_test_results` after the directory."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.evaluate_batch(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.evaluate_batch(batch, "test")
+
     def on_validation_epoch_start(self) -> None:
         self.evaluator.reset()
 
-    def on_test_epoch_start(self) -> None:
-        self.evaluator.reset()
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_evaluation("test")
+
+    def _end_evaluation(self, stage: str) -> None:
+        rows = self.evaluator.gathered()  # a collective under DDP: every rank calls it
+        if not rows:
+            return
+        metrics, report = self.summarise(rows, stage)
+        for name, value in metrics.items():
+            key = f"{stage}/{name}"
+            self.log(key, value, prog_bar=key in self.progress_bar_metrics)
+        if report is not None and self.trainer.is_global_zero:
+            write_test_results(self.results_dir(), *report)
 
     def results_dir(self) -> Path:
         """The run directory: the logger's version folder, or ``default_root_dir`` without one."""
@@ -136,17 +164,10 @@ class Method(pl.LightningModule):
 
 
 class EMATeacherMixin:
-    """The EMA teacher shared by every teacher-student method, semantic or instance.
-
-    :meth:`configure_teacher` deep-copies ``self.student`` (after the method's heads are added)
-    into ``self.ema_teacher``, which never receives gradients (``requires_grad=False``, excluded
-    from the optimizer) and stays in eval mode. The :class:`~kdseg.callbacks.ema.EMATeacher`
-    callback that updates it is added by :meth:`configure_callbacks`, so no config can forget it.
-    It is a submodule, so checkpoints hold it and ``--ckpt_path`` resumes it exactly.
-
-    Hyperparameters: ``ema_decay`` (after the EMA's warm-up) and ``eval_network`` (``student`` or
-    ``teacher``: the network evaluated).
-    """
+    """The EMA teacher of every teacher-student method: ``self.ema_teacher``, a deep copy of the
+    student made after its heads, without gradients, always in eval mode, updated by the
+    :class:`~kdseg.callbacks.ema.EMATeacher` callback it adds itself; a submodule, so checkpoints
+    hold it. Reads ``ema_decay`` and ``eval_network`` (``student`` or ``teacher``)."""
 
     def configure_teacher(self) -> None:
         eval_network = self.hparams.eval_network

@@ -6,8 +6,8 @@
 - Helpers for methods that need RoI logits of given RoIs or FPN features: :func:`to_rgb`,
   :func:`preprocess`, :func:`detect_in_input_frame`, :func:`sample_shared_rois`,
   :func:`roi_class_logits` (also for flipped views), :func:`hflip_boxes`, :func:`paste_foreground`,
-  :func:`teacher_targets` (pseudo-labels and shared RoIs of a teacher) and
-  :func:`frozen_batchnorm_statistics`.
+  :func:`teacher_targets` (pseudo-labels and shared RoIs of a teacher), :func:`perturbed_view`,
+  :func:`backbone_features` and :func:`frozen_batchnorm_statistics`.
 
 Grayscale input: images are ``(1, H, W)`` in [0, 1] and are repeated to 3 channels
 (:func:`to_rgb`) with ImageNet mean / std in the detector's transform. This keeps the standard
@@ -17,7 +17,7 @@ repetition costs nothing measurable.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,7 +340,6 @@ def frozen_batchnorm_statistics(module: nn.Module) -> Iterator[None]:
             m.track_running_stats = flag
 
 
-
 @dataclass
 class TeacherTargets:
     """What a teacher derives from the clean (unperturbed) view of an unlabeled batch.
@@ -392,3 +391,22 @@ def teacher_targets(
             else torch.zeros_like(image_list.tensors[:, 0], dtype=torch.bool)
         ),
     )
+
+
+def perturbed_view(model: nn.Module, images: Sequence[Tensor], targets: TeacherTargets,
+                   perturb: Callable[[Tensor], Tensor]) -> Any:
+    """``images``, each through ``perturb``, through ``model``'s transform: the ``ImageList`` of a
+    perturbed view, in the frame of the clean view that gave ``targets``."""
+    image_list, _ = preprocess(model, [perturb(image) for image in images])
+    if tuple(image_list.tensors.shape[-2:]) != targets.padded_size:
+        raise RuntimeError("perturbed views must have the clean view's input frame (use one detector.min_size)")
+    return image_list
+
+
+def backbone_features(model: nn.Module, image_list: Any, update_bn_statistics: bool) -> dict[str, Tensor]:
+    """``model``'s FPN features of ``image_list`` (with gradients); BatchNorm running statistics are
+    left untouched unless ``update_bn_statistics`` (see :func:`frozen_batchnorm_statistics`)."""
+    if update_bn_statistics:
+        return model.backbone(image_list.tensors)
+    with frozen_batchnorm_statistics(model):
+        return model.backbone(image_list.tensors)
