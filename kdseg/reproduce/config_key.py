@@ -1,9 +1,5 @@
-"""The key of a run: a hash of its resolved config (``kdseg fit ... --print_config``), so that a
-finished run is found again and any change that can change results gives a new run.
-
-Fields that only say where and how a run reports (:data:`IGNORED_FIELDS`) are left out, so moving
-the output folder or switching the logger does not retrain; split files
-(``data.init_args.*_split``) count by their content, not their path.
+"""The key of a run: a hash of its resolved config (``kdseg fit ... --print_config``) without the
+fields that only say where and how it reports (:data:`IGNORED_FIELDS`), split files by content.
 """
 
 from __future__ import annotations
@@ -37,14 +33,8 @@ class ConfigError(ValueError):
 
 
 def resolve_config(args: Sequence[str], subcommand: str = "fit") -> str:
-    """The resolved config of ``kdseg <subcommand> <args>``, as ``--print_config`` prints it.
-
-    Runs the real CLI parser in this process (no training, nothing instantiated), which takes a
-    fraction of a second instead of the seconds a subprocess needs to import torch.
-
-    Raises:
-        ConfigError: the CLI rejected the arguments; the message is the end of its error output.
-    """
+    """``kdseg <subcommand> <args> --print_config``, parsed in this process (a subprocess would spend
+    seconds importing torch); ConfigError with the end of the CLI's error output if it refuses."""
     from kdseg.cli import main
 
     out, err = io.StringIO(), io.StringIO()

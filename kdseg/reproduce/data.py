@@ -5,11 +5,8 @@ real files or the built-in phantoms::
                or {phantom: {train_patients: 12, test_patients: 2, slices: 4, size: [40, 36], seed: 7}, ...}
     isbi2014:  {root: ../shared/data/isbi2014, edf_root: ...}  or  {phantom: true}
 
-Which ACDC patients train, select the checkpoint and are tested is ``ACDCDataModule``'s choice
-(:mod:`kdseg.data.protocol`); the runner passes ``val_patients`` on
-(``--data.init_args.fallback_val_patients``) and resolves the protocol once for the captions and
-figures. The ACDC phantom is written in the real HDF5 layout, so the smoke profile runs the real
-data path. ISBI 2014's held-out images are ``CervicalCellDataModule``'s.
+The ACDC splits are ``ACDCDataModule``'s (:mod:`kdseg.data.protocol`): ``val_patients`` is passed on
+and the protocol resolved once for captions and figures. The phantom is written in the real layout.
 """
 
 from __future__ import annotations
@@ -31,9 +28,7 @@ class DataUnavailable(SpecError):
 
 @dataclass(frozen=True)
 class PreparedData:
-    """What every run of one data kind gets: CLI overrides and a caption text; for ACDC also the
-    patients of each split and the protocol's name (:mod:`kdseg.data.protocol`) as the data module
-    resolves them."""
+    """Every run's CLI overrides and caption text of one data kind; ACDC: each split's patients, protocol."""
 
     kind: str
     overrides: tuple[str, ...]

@@ -1,16 +1,8 @@
-"""The matrix expanded into runs: every (setting, method, seed) with the ``kdseg fit`` arguments of
-each of its stages and each stage's key.
-
-A stage's arguments, later ones winning as in any ``kdseg`` command: ``--config`` for each file of
-the stage's stack, then the profile's config files of the setting; the matrix's overrides (setting,
-method, stage); the profile's (every run, the setting, ``per_config``); the data's
-(:mod:`kdseg.reproduce.data`) and ``--seed_everything``; from the second stage on
-``--model.init_args.init_weights_from`` the previous stage's checkpoint.
-
-Keys are computed for every run of the matrix (the table shows every entry) from the resolved
-config (:mod:`kdseg.reproduce.config_key`). The checkpoint a stage starts from does not exist while
-planning, so it is named by the previous stage's key and kind (``handed-on:<key>:best``): a later
-stage's key changes whenever an earlier stage's does.
+"""The matrix expanded into runs: every (setting, method, seed) with each stage's ``kdseg fit``
+arguments (later winning: the stack's and the profile's ``--config`` files; the matrix's, the
+profile's and the data's overrides; ``--seed_everything``) and key. A handed-on checkpoint does not
+exist while planning: it is named ``handed-on:<previous key>:<best|last>``, so a later stage's key
+changes whenever an earlier stage's does.
 """
 
 from __future__ import annotations
@@ -79,7 +71,7 @@ class RunPlan:
 
     @property
     def error(self) -> str | None:
-        """Why this run cannot start (data missing, a stage rejected by the CLI), else None."""
+        """Why this run cannot start, else None."""
         bad = next((s for s in self.stages if s.error), None)
         return self.unavailable or (bad and f"stage {bad.index}/{bad.count} ({bad.name}): {bad.error}")
 
@@ -93,8 +85,7 @@ class RunPlan:
 
 
 def parse_selection(only: Sequence[str], matrix: Matrix) -> set[tuple[str, str]]:
-    """The (setting, method) pairs named by ``--only`` patterns (``setting`` or ``setting/method``,
-    shell wildcards allowed, comma-separated); all pairs when ``only`` is empty."""
+    """The (setting, method) pairs ``--only`` names (``setting[/method]``, wildcards, commas); all if empty."""
     pairs = {(s, m) for s, setting in matrix.settings.items() for m in setting.methods}
     chosen = set()
     for item in (i.strip() for pattern in only for i in pattern.split(",") if i.strip()):
@@ -120,13 +111,8 @@ def stage_args(setting: Setting, method: Method, index: int, profile: Profile, d
 
 def plan_runs(matrix: Matrix, profile: Profile, out: Path, selection: set[tuple[str, str]],
               seeds: Sequence[int] | None = None) -> list[RunPlan]:
-    """Every run of the matrix under ``profile`` in matrix order, with keys; ``selection`` marks
-    the runs to execute.
-
-    Raises:
-        SpecError: the profile has no data entry for a data kind the matrix uses.
-        DataUnavailable: a selected setting's data is missing.
-    """
+    """Every run of the matrix under ``profile`` in matrix order, with keys; ``selection`` marks the
+    runs to execute. Raises SpecError (no data entry) or DataUnavailable (a selected setting's data)."""
     prepared: dict[str, PreparedData | DataUnavailable] = {}
     for kind in sorted({s.data for s in matrix.settings.values()}):
         if kind not in profile.data:

@@ -1,7 +1,6 @@
-"""The declared files of a reproduction: the experiment matrix, a budget profile laid over it, and
-the papers' reported numbers. Read with OmegaConf (``${vars.steps}`` interpolation, ``--set``
-merged in as a dotlist) and checked before any run starts: every problem is one :class:`SpecError`
-naming the file and the entry, because a typo found after an hour of training costs the hour.
+"""The matrix, a budget profile laid over it, and the papers' numbers: read with OmegaConf
+(``${vars.steps}``, ``--set`` as a dotlist) and checked before any run starts, each problem one
+:class:`SpecError` naming file and entry (a typo found after an hour of training costs the hour).
 
 Matrix (``experiments/reproduce/matrix.yaml``)::
 
@@ -57,7 +56,7 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class Stage:
-    """One ``kdseg fit``: a stack of config files, overrides, and the checkpoint it hands on."""
+    """One ``kdseg fit``."""
 
     configs: tuple[Path, ...]
     overrides: tuple[str, ...] = ()
@@ -67,7 +66,7 @@ class Stage:
 
 @dataclass(frozen=True)
 class Method:
-    """A table row: one or more stages run in order (each from the previous one's checkpoint)."""
+    """A table row: stages run in order."""
 
     name: str
     label: str
@@ -77,7 +76,7 @@ class Method:
 
 @dataclass(frozen=True)
 class Setting:
-    """One table: a data set and label budget, and the methods compared on it."""
+    """One table."""
 
     name: str
     title: str
@@ -104,7 +103,6 @@ class ProfileSetting:
 
 @dataclass(frozen=True)
 class Profile:
-    """A budget: what is added after each stage's configs, seeds, data, and Slurm parameters."""
 
     name: str
     path: Path
@@ -124,7 +122,6 @@ class Profile:
 
 @dataclass(frozen=True)
 class ReportedRow:
-    """Numbers a paper reports for one method in one setting, with where they were read."""
 
     setting: str
     method: str
@@ -146,7 +143,7 @@ class PaperNumbers:
 
 
 class _Reader:
-    """Checks of one file; every message starts with the file's path."""
+    """Checks of one file; every message starts with its path."""
 
     def __init__(self, path: str | Path, what: str, dotlist: list[str] = ()) -> None:
         self.path = Path(path).resolve()
@@ -178,18 +175,16 @@ class _Reader:
 
     def overrides(self, value: Any, where: str) -> tuple[str, ...]:
         """A flat tuple of ``--key=value`` strings from a (possibly nested) list."""
-        if value is None:
-            return ()
-        if not isinstance(value, list):
+        if value is not None and not isinstance(value, list):
             self.fail(f"{where} must be a list of '--key=value' strings")
         out: list[str] = []
-        for item in value:
+        for item in value or ():
             if isinstance(item, list):
                 out += self.overrides(item, where)
-            elif isinstance(item, str) and item.startswith("--") and "=" in item:
-                out.append(item)
-            else:
+            elif not (isinstance(item, str) and item.startswith("--") and "=" in item):
                 self.fail(f"{where}: {item!r} is not a '--key=value' override")
+            else:
+                out.append(item)
         return tuple(out)
 
     def seeds(self, value: Any, where: str) -> tuple[int, ...]:
@@ -200,20 +195,17 @@ class _Reader:
 
     def files(self, value: Any, where: str) -> tuple[Path, ...]:
         """One config file or a stack of them, made absolute (relative to the working directory)."""
-        values = value if isinstance(value, list) and value else [value]
         out = []
-        for item in values:
+        for item in value if isinstance(value, list) and value else [value]:
             if not isinstance(item, str) or not item:
                 self.fail(f"{where} must be a file path or a list of them")
-            file = Path(item).expanduser()
-            if not (Path.cwd() / file).is_file():
+            if not (file := Path.cwd() / Path(item).expanduser()).is_file():
                 self.fail(f"{where}: {item} does not exist (paths are relative to {Path.cwd()})")
-            out.append((Path.cwd() / file).resolve())
+            out.append(file.resolve())
         return tuple(out)
 
     def stack(self, value: Any, where: str) -> tuple[tuple[Path, ...], str]:
-        """The layers of a run of experiments/stacks.yaml, and its name after the data prefix
-        (``acdc/pce`` -> ``pce``, the run-folder prefix)."""
+        """The layers of a run of experiments/stacks.yaml and its run-folder prefix (``acdc/pce`` -> ``pce``)."""
         from kdseg.cli import STACKS_FILE, stack_layers
 
         if not isinstance(value, str) or not value:
@@ -321,8 +313,7 @@ def load_profile(path: str | Path, matrix: Matrix, extra_vars: dict[str, str] | 
 
 
 def load_paper_numbers(path: str | Path, matrix: Matrix) -> PaperNumbers:
-    """Reads the papers' reported numbers: every row names a known source, a setting of the matrix
-    and metric ids that setting's task reports."""
+    """Reads the papers' numbers: each row names a known source, a setting and its task's metric ids."""
     r = _Reader(path, "paper numbers")
     content = r.mapping(r.content, "top level", {"sources", "reported", "not_recorded"}, {"sources"})
     sources = {sid: {k: str(v) for k, v in r.mapping(raw, f"sources.{sid}", {"citation", "short", "note", "read_at"},
