@@ -1,8 +1,5 @@
-"""Which metrics the table reports per task, read from ``kdseg test``'s ``test_metrics.json``:
-``semantic`` (``per_class[<name>][<metric>_mean]`` and ``mean[<metric>]``) and ``instance``
-(``metrics``: ``<metric>_<class>`` / ``<metric>_mean`` for AJI, gated AJI, F1@0.5, Dice, mAP, AP50,
-AP75), both flattened to ``{metric id: value}`` ids (``dice_RV``, ``hd95_mean``, ``aji_mean``) that
-the tables, the CSV and ``paper_numbers.yaml`` share.
+"""The metrics the table reports per task, flattened from ``kdseg test``'s ``test_metrics.json`` to
+the ids (``dice_RV``, ``hd95_mean``, ``aji_mean``) that the tables and ``paper_numbers.yaml`` share.
 """
 
 from __future__ import annotations
@@ -19,42 +16,28 @@ TASKS = ("semantic", "instance")
 
 @dataclass(frozen=True)
 class Column:
-    """One table column: a metric id, its header, and whether it is a distance (unit shown)."""
 
     metric: str
     header: str
     distance: bool = False
 
 
-def _semantic_columns() -> tuple[Column, ...]:
-    names = list(ACDC_CLASS_NAMES.values())
-    dice = [Column(f"dice_{n}", f"Dice {n}") for n in names]
-    asd = [Column(f"asd_{n}", f"ASD {n}", True) for n in names]
-    # Per-class ASD beside per-class Dice: a method can gain Dice on the large LV while its RV
-    # boundaries stray far (the distances tell them apart); per-class HD95 stays in table.csv.
-    return (*dice, Column("dice_mean", "Dice mean"), Column("hd95_mean", "HD95 mean", True),
-            *asd, Column("asd_mean", "ASD mean", True))
-
-
-def _instance_columns() -> tuple[Column, ...]:
-    classes = [Column(f"dice_{n}", f"Dice {n}") for n in CELL_CLASS_NAMES.values()]
-    return (Column("aji_mean", "AJI"), Column("map_mean", "mAP"), Column("ap50_mean", "AP50"),
-            Column("f1_mean", "F1@0.5"), *classes, Column("dice_mean", "Dice mean"))
-
-
-#: The columns of each task's table, in order.
-COLUMNS: dict[str, tuple[Column, ...]] = {"semantic": _semantic_columns(), "instance": _instance_columns()}
+#: The columns of each task's table, in order. Per-class ASD beside per-class Dice: a method can gain
+#: Dice on the large LV while its RV boundaries stray far; per-class HD95 stays in table.csv.
+COLUMNS: dict[str, tuple[Column, ...]] = {
+    "semantic": (*(Column(f"dice_{n}", f"Dice {n}") for n in ACDC_CLASS_NAMES.values()), Column("dice_mean", "Dice mean"),
+                 Column("hd95_mean", "HD95 mean", True), *(Column(f"asd_{n}", f"ASD {n}", True)
+                 for n in ACDC_CLASS_NAMES.values()), Column("asd_mean", "ASD mean", True)),
+    "instance": (Column("aji_mean", "AJI"), Column("map_mean", "mAP"), Column("ap50_mean", "AP50"),
+                 Column("f1_mean", "F1@0.5"), *(Column(f"dice_{n}", f"Dice {n}") for n in CELL_CLASS_NAMES.values()),
+                 Column("dice_mean", "Dice mean")),
+}
 
 #: Metric ids a task can report (the table's columns plus the per-class values behind them).
 KNOWN_METRICS: dict[str, frozenset[str]] = {
-    "semantic": frozenset(
-        [f"{m}_{n}" for m in ("dice", "hd95", "asd") for n in [*ACDC_CLASS_NAMES.values(), "mean"]]
-    ),
-    "instance": frozenset(
-        f"{m}_{n}"
-        for m in ("aji", "aji_gated", "f1", "dice", "map", "ap50", "ap75")
-        for n in [*CELL_CLASS_NAMES.values(), "mean"]
-    ),
+    "semantic": frozenset(f"{m}_{n}" for m in ("dice", "hd95", "asd") for n in [*ACDC_CLASS_NAMES.values(), "mean"]),
+    "instance": frozenset(f"{m}_{n}" for m in ("aji", "aji_gated", "f1", "dice", "map", "ap50", "ap75")
+                          for n in [*CELL_CLASS_NAMES.values(), "mean"]),
 }
 
 #: The metric in each run's progress line and the headline of its figures.
@@ -62,11 +45,8 @@ HEADLINE: dict[str, tuple[str, str]] = {"semantic": ("dice_mean", "Dice"), "inst
 
 
 def flatten_test_metrics(task: str, content: Mapping[str, Any]) -> dict[str, float]:
-    """``{metric id: value}`` from a ``test_metrics.json`` of ``task`` (NaN stays NaN).
-
-    Raises:
-        ValueError: the file is not a summary of that task (names the missing key).
-    """
+    """``{metric id: value}`` from a ``test_metrics.json`` of ``task`` (NaN stays NaN); ValueError
+    naming the missing key when it is not a summary of that task."""
     out: dict[str, float] = {}
     if task == "semantic":
         if "per_class" not in content or "mean" not in content:
