@@ -29,7 +29,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from kdseg.reproduce.config_key import config_key, normalized_config, resolve_config
+from kdseg.reproduce.plan import config_key, normalized_config, resolve_config
 from kdseg.reproduce.spec import SpecError, load_matrix, load_paper_numbers, load_profile, profile_path
 
 MATRIX = REPO / "experiments" / "reproduce" / "matrix.yaml"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdseg.reproduce.metrics import HEADLINE, flatten_test_metrics
+from kdseg.reproduce.spec import HEADLINE, flatten_test_metrics
 from kdseg.reproduce.plan import INIT_WEIGHTS_ARG, RunPlan, StagePlan
 
 STDERR_TAIL_LINES = 15

@@ -20,8 +20,8 @@ import numpy as np
 from kdseg.metrics.paired import PairedDifference
 from kdseg.reproduce.baseline import caption_text, compare_to_baseline
 from kdseg.reproduce.execute import RunResult
-from kdseg.reproduce.metrics import COLUMNS, KNOWN_METRICS, distance_unit
-from kdseg.reproduce.spec import Matrix, PaperNumbers, Profile, ReportedRow, Setting
+from kdseg.reproduce.spec import (COLUMNS, KNOWN_METRICS, Matrix, PaperNumbers, Profile, ReportedRow, Setting,
+                                  distance_unit)
 
 DASH = "–"
 
