@@ -15,7 +15,6 @@ from typing import Any, Callable
 from kdseg.reproduce.execute import STOP, RunResult, headline, read_finished, run_stages, stop_children
 from kdseg.reproduce.plan import RunPlan
 
-LAUNCHERS = ("local", "slurm", "submitit-local")
 #: Defaults under the profile's ``slurm`` block and ``--slurm``: one GPU per run, a day at most.
 SLURM_DEFAULTS = {"name": "kdseg-reproduce", "timeout_min": 24 * 60, "gpus_per_node": 1, "cpus_per_task": 8}
 
