@@ -29,7 +29,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from kdseg.reproduce.config_key import config_key, normalized_config, resolve_config
+from kdseg.reproduce.plan import config_key, normalized_config, resolve_config
 from kdseg.reproduce.spec import SpecError, load_matrix, load_paper_numbers, load_profile, profile_path
 
 MATRIX = REPO / "experiments" / "reproduce" / "matrix.yaml"
@@ -78,7 +78,7 @@ def sequence(tmp_path_factory: pytest.TempPathFactory) -> Sequence:
     matrix = yaml.safe_load(MATRIX.read_text())
     matrix["settings"]["cervical"]["methods"]["broken"] = {
         "label": "Mask R-CNN (bad override)",
-        "stages": [{"config": "experiments/isbi2014/supervised.yaml",
+        "stages": [{"stack": "isbi2014/supervised",
                     "overrides": ["--data.init_args.crop_size=100"]}],
     }
     # (Profile overrides come after the matrix's: the bad value is one the smoke profile leaves alone.)
@@ -220,8 +220,14 @@ def test_failing_run_is_reported_and_the_others_finish(sequence: Sequence) -> No
 # --------------------------------------------------------------------------- the config key
 
 
+def _stack_args(run: str, *extra: str) -> list[str]:
+    from kdseg.cli import stack_layers
+
+    return [*(f"--config={layer}" for layer in stack_layers(run)), *extra]
+
+
 def _phantom_args(*extra: str) -> list[str]:
-    return [f"--config={REPO / 'experiments/phantom/supervised.yaml'}", *extra]
+    return _stack_args("phantom/supervised", *extra)
 
 
 def test_config_key_follows_what_changes_results(tmp_path: Path) -> None:
@@ -241,12 +247,11 @@ def test_config_key_follows_what_changes_results(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     for folder, patients in (("a", "p1\np2\n"), ("b", "p1\np2\n")):
         (tmp_path / folder / "train.txt").write_text(patients)
-    acdc = REPO / "experiments/acdc/pce.yaml"
-    key_a = config_key(resolve_config([f"--config={acdc}", f"--data.init_args.train_split={tmp_path / 'a/train.txt'}"]))
-    key_b = config_key(resolve_config([f"--config={acdc}", f"--data.init_args.train_split={tmp_path / 'b/train.txt'}"]))
+    key_a = config_key(resolve_config(_stack_args("acdc/pce", f"--data.init_args.train_split={tmp_path / 'a/train.txt'}")))
+    key_b = config_key(resolve_config(_stack_args("acdc/pce", f"--data.init_args.train_split={tmp_path / 'b/train.txt'}")))
     assert key_a == key_b
     (tmp_path / "b" / "train.txt").write_text("p1\np3\n")
-    key_c = config_key(resolve_config([f"--config={acdc}", f"--data.init_args.train_split={tmp_path / 'b/train.txt'}"]))
+    key_c = config_key(resolve_config(_stack_args("acdc/pce", f"--data.init_args.train_split={tmp_path / 'b/train.txt'}")))
     assert key_c != key_a
 
 
@@ -276,7 +281,7 @@ def test_bad_files_fail_with_the_file_and_entry_named(tmp_path: Path) -> None:
         path.write_text(yaml.safe_dump(content))
         return path
 
-    good_stage = {"config": str(REPO / "experiments/acdc/pce.yaml")}
+    good_stage = {"stack": "acdc/pce"}
     bad = write("m1.yaml", {"settings": {"s": {"task": "semantic", "data": "acdc", "methods": {
         "m": {"stages": [good_stage, {"config": "experiments/acdc/nope.yaml"}]}}}}})
     with pytest.raises(SpecError, match=r"m1.yaml: settings.s.methods.m: stage 2: config: experiments/acdc/nope.yaml does not exist"):

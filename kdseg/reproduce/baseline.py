@@ -1,13 +1,8 @@
-"""The paired column of the ACDC tables: each method against its label-only baseline.
-
-Two seeds' mean Dice cannot say whether a 0.01 gain is real; this compares a method with the
-baseline that uses the same labels and nothing else (``supervised`` in the semi-supervised
-settings, ``pce`` in the scribble setting) test volume by test volume. Per seed, the volume's mean
-Dice over RV, Myo and LV of the method minus that of the baseline on the same volume; the pairs of
-all seeds both finished are pooled, and :func:`kdseg.metrics.paired.paired_difference` gives the
-mean and its percentile bootstrap interval (resampling the (seed, volume) pairs, seeded, so the
-table is reproducible). Only semantic (ACDC) settings get the column; ISBI 2014's paired AJI is in
-the README (``python -m kdseg.metrics.paired --metric aji``).
+"""The paired column of the ACDC tables: per test volume, a method's mean Dice (RV, Myo, LV) minus
+that of its label-only baseline (``supervised``, or ``pce`` for scribbles), pooled over the seeds
+both finished, mean and seeded percentile bootstrap interval (:mod:`kdseg.metrics.paired`): two
+seeds' means cannot say whether a 0.01 gain is real. ISBI 2014's paired AJI: ``python -m
+kdseg.metrics.paired --metric aji``.
 """
 
 from __future__ import annotations
@@ -29,7 +24,7 @@ RESAMPLES = 10000
 
 @dataclass(frozen=True)
 class BaselineComparison:
-    """The baseline of one setting and, per other method, its paired difference or why none."""
+    """A setting's baseline and, per other method, its paired difference or why none."""
 
     baseline: str
     baseline_label: str
@@ -49,28 +44,16 @@ class BaselineComparison:
         return f"{found.mean:+.3f} [{found.low:+.3f}, {found.high:+.3f}]"
 
 
-def label_only_baseline(setting: Setting) -> str | None:
-    """The method of ``setting`` that trains on the labels alone (None: the setting has none)."""
-    return next((name for name in LABEL_ONLY_BASELINES if name in setting.methods), None)
-
-
 def _cases_by_seed(setting: Setting, method: str, results: list[RunResult]) -> dict[int, Path]:
-    found = {}
-    for r in results:
-        if r.plan.setting.name == setting.name and r.plan.method.name == method and r.has_metrics and r.folder:
-            if (r.folder / "test_cases.csv").is_file():
-                found[r.plan.seed] = r.folder / "test_cases.csv"
-    return found
+    return {r.plan.seed: r.folder / "test_cases.csv" for r in results
+            if r.plan.setting.name == setting.name and r.plan.method.name == method and r.has_metrics and r.folder
+            and (r.folder / "test_cases.csv").is_file()}
 
 
 def compare_to_baseline(setting: Setting, results: list[RunResult], seed: int = 0) -> BaselineComparison | None:
-    """The paired comparison of ``setting`` (None for instance settings or without a baseline).
-
-    A method none of whose seeds finished together with the baseline's is left out; one whose
-    ``test_cases.csv`` cannot be paired with the baseline's (other volumes, a missing or
-    non-finite Dice) gets the reason instead of a difference.
-    """
-    baseline = label_only_baseline(setting)
+    """The paired comparison of a semantic ``setting`` with a baseline, else None. A method with no seed
+    finished with the baseline's is left out; one that cannot be paired gets the reason."""
+    baseline = next((name for name in LABEL_ONLY_BASELINES if name in setting.methods), None)
     if setting.task != "semantic" or baseline is None:
         return None
     comparison = BaselineComparison(baseline, setting.methods[baseline].label)

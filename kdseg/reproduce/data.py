@@ -5,11 +5,8 @@ real files or the built-in phantoms::
                or {phantom: {train_patients: 12, test_patients: 2, slices: 4, size: [40, 36], seed: 7}, ...}
     isbi2014:  {root: ../shared/data/isbi2014, edf_root: ...}  or  {phantom: true}
 
-Which ACDC patients train, select the checkpoint and are tested is ``ACDCDataModule``'s choice
-(:mod:`kdseg.data.protocol`); the runner passes ``val_patients`` on
-(``--data.init_args.fallback_val_patients``) and resolves the protocol once for the captions and
-figures. The ACDC phantom is written in the real HDF5 layout, so the smoke profile runs the real
-data path. ISBI 2014's held-out images are ``CervicalCellDataModule``'s.
+The ACDC splits are ``ACDCDataModule``'s (:mod:`kdseg.data.protocol`): ``val_patients`` is passed on
+and the protocol resolved once for captions and figures. The phantom is written in the real layout.
 """
 
 from __future__ import annotations
@@ -31,9 +28,7 @@ class DataUnavailable(SpecError):
 
 @dataclass(frozen=True)
 class PreparedData:
-    """What every run of one data kind gets: CLI overrides and a caption text; for ACDC also the
-    patients of each split and the protocol's name (:mod:`kdseg.data.protocol`) as the data module
-    resolves them."""
+    """Every run's CLI overrides and caption text of one data kind; ACDC: each split's patients, protocol."""
 
     kind: str
     overrides: tuple[str, ...]
@@ -56,11 +51,13 @@ def _absolute(value: str) -> Path:
     return (path if path.is_absolute() else Path.cwd() / path).resolve()
 
 
+def _known_keys(spec: dict[str, Any], allowed: Any, where: str) -> None:
+    if unknown := sorted(set(spec) - set(allowed)):
+        raise SpecError(f"{where}: unknown key(s) {unknown} (allowed: {sorted(allowed)})")
+
+
 def _prepare_acdc(spec: dict[str, Any], out: Path, where: str) -> PreparedData:
-    allowed = {"root", "phantom", "val_patients", "train_split", "test_split"}
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise SpecError(f"{where}: data.acdc: unknown key(s) {unknown} (allowed: {sorted(allowed)})")
+    _known_keys(spec, {"root", "phantom", "val_patients", "train_split", "test_split"}, f"{where}: data.acdc")
     if ("root" in spec) == ("phantom" in spec):
         raise SpecError(f"{where}: data.acdc needs exactly one of 'root' (real data) and 'phantom'")
     if "phantom" in spec:
@@ -98,9 +95,7 @@ def _write_acdc_phantom(spec: Any, out: Path, where: str) -> tuple[Path, str]:
     if not isinstance(spec, dict):
         raise SpecError(f"{where}: data.acdc.phantom must be a mapping")
     params = {"train_patients": 12, "test_patients": 2, "slices": 4, "size": [40, 36], "seed": 7}
-    unknown = sorted(set(spec) - set(params))
-    if unknown:
-        raise SpecError(f"{where}: data.acdc.phantom: unknown key(s) {unknown} (allowed: {sorted(params)})")
+    _known_keys(spec, params, f"{where}: data.acdc.phantom")
     params.update(spec)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     root = out / "data" / f"acdc_phantom-{digest}"
@@ -122,10 +117,7 @@ def _write_acdc_phantom(spec: Any, out: Path, where: str) -> tuple[Path, str]:
 
 
 def _prepare_isbi(spec: dict[str, Any], where: str) -> PreparedData:
-    allowed = {"root", "edf_root", "phantom"}
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise SpecError(f"{where}: data.isbi2014: unknown key(s) {unknown} (allowed: {sorted(allowed)})")
+    _known_keys(spec, {"root", "edf_root", "phantom"}, f"{where}: data.isbi2014")
     if spec.get("phantom"):
         if "root" in spec:
             raise SpecError(f"{where}: data.isbi2014 needs either 'root' or 'phantom: true', not both")

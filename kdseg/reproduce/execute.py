@@ -1,24 +1,12 @@
-"""One run: its stages as ``kdseg fit`` subprocesses in order, then ``kdseg test`` of the best
-checkpoint, resumably. :func:`run_stages` is what a launcher (:mod:`kdseg.reproduce.launch`)
-calls, in a thread here or in a Slurm job.
-
-Each stage has its folder ``<out>/runs/<stage name>-<key>/`` (the key: :mod:`kdseg.reproduce.config_key`)::
-
-    resolved_config.yaml  run.json      what was planned (arguments, setting, method, seed)
-    fit/version_N/                      CSVLogger folders: config.yaml, metrics.csv, checkpoints/
-    fit.done.json                       written when fit exited 0: best / last checkpoint, scores
-    test/version_N/                     kdseg test of the best checkpoint
-    test_metrics.json  test_cases.csv   copied there when the test succeeded: the run is finished
-    result.json  logs/                  timings, the checkpoint tested; stdout / stderr of each call
-
-A stage with ``test_metrics.json`` (last stage) or ``fit.done.json`` (earlier stage) is skipped; a
-last stage with ``fit.done.json`` only tests. A stage with a ``last.ckpt`` but no ``fit.done.json``
-was interrupted: its fit resumes from the newest one with ``--ckpt_path`` (Lightning writes a new
-version folder, so no checkpoint is overwritten), retried once from scratch if that fails (a
-truncated checkpoint). The checkpoint tested is the best by the config's monitor over *all*
-version folders, read from each checkpoint's own ModelCheckpoint state. A fit that exits 130 / 143
-(kdseg saved the step a signal stopped it at) or 0 short of ``max_steps`` is interrupted, not
-failed: it resumes on the next call. Each subprocess gets ``OMP_NUM_THREADS`` = ``threads``.
+"""One run, resumably: its stages as ``kdseg fit`` subprocesses in order, then ``kdseg test`` of the
+best checkpoint (:func:`run_stages`, called by a launcher here or in a Slurm job). A stage's folder
+``<out>/runs/<stage name>-<key>/`` holds ``resolved_config.yaml`` / ``run.json`` (the plan),
+``fit/version_N/`` (CSVLogger: config, metrics, checkpoints), ``fit.done.json`` (fit exited 0),
+``test/version_N/``, ``logs/``, and on success ``result.json`` and ``test_metrics.json`` (written
+last: the run is finished). Done stages are skipped; a stage with ``last.ckpt`` but no
+``fit.done.json`` resumes from it (new version folder; once more from scratch if that fails). The
+tested checkpoint is the best by the monitor over all version folders. A fit that exits 130 / 143
+or 0 short of ``max_steps`` is interrupted, not failed: it resumes on the next call.
 """
 
 from __future__ import annotations
@@ -36,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdseg.reproduce.metrics import HEADLINE, flatten_test_metrics
+from kdseg.reproduce.spec import HEADLINE, flatten_test_metrics
 from kdseg.reproduce.plan import INIT_WEIGHTS_ARG, RunPlan, StagePlan
 
 STDERR_TAIL_LINES = 15
@@ -85,7 +73,7 @@ def read_finished(runs_dir: Path, plan: RunPlan) -> RunResult | None:
 
 
 def headline(plan: RunPlan, metrics: dict[str, float]) -> str:
-    """``Dice 0.812`` (semantic) or ``AJI 0.512, Dice 0.701`` (instance) for progress lines."""
+    """``Dice 0.812`` or ``AJI 0.512, Dice 0.701`` for progress lines."""
     key, name = HEADLINE[plan.setting.task]
     extra = f", Dice {metrics['dice_mean']:.4f}" if key != "dice_mean" and "dice_mean" in metrics else ""
     return f"{name} {metrics.get(key, float('nan')):.4f}{extra}"
@@ -115,16 +103,9 @@ def fit_versions(folder: Path) -> list[Path]:
     return sorted((p for p in (folder / "fit").glob("version_*") if p.is_dir()), key=_version)
 
 
-def latest_state_checkpoint(folder: Path) -> Path | None:
-    """``last.ckpt`` of the newest version folder that has one: where a fit resumes, and what a
-    stage hands on as ``last``."""
-    found = [v / "checkpoints" / "last.ckpt" for v in fit_versions(folder)]
-    return next((p for p in reversed(found) if p.is_file()), None)
-
-
 def unfinished_training(done: dict[str, Any]) -> str | None:
-    """Why a fit that exited 0 did not train to ``trainer.max_steps`` (Lightning alone ends a fit
-    with 0 on SIGTERM), or None when it did or is epoch-bounded. Read from ``last.ckpt``."""
+    """Why a fit that exited 0 stopped short of ``trainer.max_steps`` (Lightning exits 0 on SIGTERM),
+    read from ``last.ckpt``; None when it did not or is epoch-bounded."""
     import yaml
 
     from kdseg.checkpoints import load_checkpoint
@@ -146,10 +127,15 @@ def summarize_checkpoints(folder: Path, monitor: str, mode: str) -> dict[str, An
               and score == score]  # NaN scores never win
     best = (max if mode == "max" else min)(scored, key=lambda item: item[0]) if scored else None
     configs = [v / "config.yaml" for v in versions if (v / "config.yaml").is_file()]
-    latest = latest_state_checkpoint(folder)
+    latest = _last_checkpoint(folder)
     return {"monitor": monitor, "mode": mode, "best": str(best[1]) if best else None,
             "best_score": best[0] if best else None, "last": str(latest) if latest else None,
             "config": str(configs[-1]) if configs else None, "versions": [str(v) for v in versions]}
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    """``last.ckpt`` of the newest version that has one: where a fit resumes, what ``last`` hands on."""
+    return next((p for v in reversed(fit_versions(folder)) if (p := v / "checkpoints" / "last.ckpt").is_file()), None)
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
@@ -165,8 +151,7 @@ def _tail(path: Path) -> str:
 
 def run_stages(plan: RunPlan, out: Path, threads: int, say: Callable[[str], None] = print,
                prefix: str = "") -> RunResult:
-    """Runs (or skips) every stage of ``plan`` in order, then tests the last; never raises for a
-    failing stage (the result says FAILED, with the log to read)."""
+    """Runs (or skips) every stage of ``plan``, then tests the last; a failing stage gives a FAILED result."""
     prefix, start = prefix or plan.label, time.monotonic()
     runs_dir, handed_on = out / "runs", None
     try:
@@ -234,7 +219,7 @@ def _logger_args(folder: Path, name: str) -> list[str]:
 def _fit(stage: StagePlan, folder: Path, handed_on: str | None, threads: int, say: Callable[[str], None],
          tag: str) -> dict[str, Any]:
     args = [*stage.args, *([f"{INIT_WEIGHTS_ARG}={handed_on}"] if handed_on else []), *_logger_args(folder, "fit")]
-    resume, start = latest_state_checkpoint(folder), time.monotonic()
+    resume, start = _last_checkpoint(folder), time.monotonic()
     if resume:
         say(f"{tag}: fit resumes from {resume}")
         rc, out, err = _call("fit", [*args, f"--ckpt_path={resume}"], folder, threads)
@@ -270,14 +255,18 @@ def _test(folder: Path, done: dict[str, Any], threads: int) -> None:
                            "stderr": str(err), "stderr_tail": _tail(err),
                            "message": f"test exited with {rc}" if rc else "test exited 0 but wrote no test_metrics.json"})
     if produced[-1].with_name("test_cases.csv").is_file():
-        shutil.copyfile(produced[-1].with_name("test_cases.csv"), folder / "test_cases.csv.tmp")
-        (folder / "test_cases.csv.tmp").replace(folder / "test_cases.csv")
+        _copy(produced[-1].with_name("test_cases.csv"), folder)
     _write_json(folder / "result.json", {
         "checkpoint": done["best"], "monitor": done["monitor"], "best_score": done["best_score"],
         "fit_seconds": done.get("seconds"), "test_seconds": time.monotonic() - start,
         "test_dir": str(produced[-1].parent), "fit_versions": done.get("versions")})
-    shutil.copyfile(produced[-1], folder / "test_metrics.json.tmp")
-    (folder / "test_metrics.json.tmp").replace(folder / "test_metrics.json")  # last: marks the run finished
+    _copy(produced[-1], folder)  # last: marks the run finished
+
+
+def _copy(file: Path, folder: Path) -> None:
+    """Copies ``file`` into ``folder`` through a temporary name: never half written."""
+    shutil.copyfile(file, folder / f"{file.name}.tmp")
+    (folder / f"{file.name}.tmp").replace(folder / file.name)
 
 
 def _call(subcommand: str, args: list[str], folder: Path, threads: int) -> tuple[int, Path, Path]:

@@ -1,9 +1,8 @@
-"""The figures beside the table, per setting: ``qualitative_<setting>.png`` (a few fixed test cases:
-image, ground truth, and each method's prediction by the checkpoint its row tested, lowest finished
-seed; made once with the real ``kdseg predict`` into ``<out>/figures/<key>/``) and
-``val_dice_curves_<setting>.png`` (validation Dice, and for instance settings their monitor,
-against the step of each method's last stage, mean over finished seeds, over every version folder
-of a resumed fit). A prediction that fails leaves its panel with the error and a warning.
+"""The figures per setting: ``qualitative_<setting>.png`` (two test cases: image, ground truth and
+each method's prediction by its tested checkpoint, lowest finished seed, made once by ``kdseg
+predict`` into ``<out>/figures/<key>/``; a failed prediction leaves its error in the panel) and
+``val_dice_curves_<setting>.png`` (validation Dice and the monitor against the last stage's step,
+mean over finished seeds and all version folders).
 """
 
 from __future__ import annotations
@@ -63,16 +62,14 @@ def read_curve(folder: Path, metric: str) -> dict[int, float]:
     return curve
 
 
-def mean_curve(curves: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Steps, mean and count over the curves that have each step."""
+def mean_curve(curves: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and the mean over the curves that have each step."""
     by_step: dict[int, list[float]] = defaultdict(list)
     for curve in curves:
         for step, value in curve.items():
             by_step[step].append(value)
-    steps = np.array(sorted(by_step), dtype=float)
-    means = np.array([np.mean(by_step[int(s)]) for s in steps])
-    counts = np.array([len(by_step[int(s)]) for s in steps])
-    return steps, means, counts
+    steps = sorted(by_step)
+    return np.array(steps, dtype=float), np.array([np.mean(by_step[s]) for s in steps])
 
 
 def curves_figure(path: Path, setting: Setting, results: list[RunResult]) -> Path:
@@ -90,7 +87,7 @@ def curves_figure(path: Path, setting: Setting, results: list[RunResult]) -> Pat
             curves = [c for c in (read_curve(r.folder, metric) for r in runs if r.folder) if c]
             if not curves:
                 continue
-            steps, means, _ = mean_curve(curves)
+            steps, means = mean_curve(curves)
             stages = runs[0].plan.final
             label = method.label + (f" (stage {stages.index}/{stages.count})" if stages.count > 1 else "")
             label += f", {len(curves)} seed{'s' if len(curves) > 1 else ''}"
@@ -106,16 +103,10 @@ def curves_figure(path: Path, setting: Setting, results: list[RunResult]) -> Pat
     return path
 
 
-# --------------------------------------------------------------------------- qualitative
-
-
 def _first_per_method(setting: Setting, results: list[RunResult]) -> list[tuple[str, RunResult]]:
-    out = []
-    for method in setting.methods.values():
-        runs = sorted((r for r in results if r.plan.method.name == method.name), key=lambda r: r.plan.seed)
-        if runs:
-            out.append((method.label, runs[0]))
-    return out
+    """(label, the run of the lowest finished seed) per method."""
+    return [(m.label, min(runs, key=lambda r: r.plan.seed)) for m in setting.methods.values()
+            if (runs := [r for r in results if r.plan.method.name == m.name])]
 
 
 def _run_config(result: RunResult) -> tuple[Path, Path]:
@@ -128,11 +119,8 @@ def _run_config(result: RunResult) -> tuple[Path, Path]:
 
 
 def relocated_checkpoint(recorded: Path, folder: Path) -> Path:
-    """The tested checkpoint of the run in ``folder``. ``result.json`` records it by absolute path,
-    which goes stale when finished run folders are moved into another ``--out`` (as the README
-    suggests for runs made in a separate call): then the same path below the run's own folder name
-    is looked up in ``folder``. Returns ``recorded`` unchanged when neither exists, so the caller's
-    error names the path the run recorded."""
+    """The tested checkpoint of the run in ``folder``: ``result.json``'s absolute path, or when the run
+    folder was moved (another ``--out``) the same path below ``folder``; else ``recorded`` unchanged."""
     if recorded.exists() or folder.name not in recorded.parts:
         return recorded
     parts = recorded.parts
@@ -156,9 +144,8 @@ def _quiet() -> Any:
 
 
 def predict_once(result: RunResult, cache_dir: Path, extra: list[str]) -> Path:
-    """Runs ``kdseg predict`` of the tested checkpoint into ``cache_dir/<key>/predictions-<n>``
-    unless an earlier call completed one (its folder is recorded in ``done``); returns the folder.
-    An interrupted attempt's folder is left alone (the writer never overwrites): a new one is used."""
+    """``kdseg predict`` of the tested checkpoint into a new ``cache_dir/<key>/predictions-<n>`` unless
+    an earlier call completed one (recorded in ``done``); returns the folder."""
     from kdseg.cli import main
 
     config, ckpt = _run_config(result)

@@ -1,15 +1,8 @@
-"""Where the runs go: this machine (``concurrent.futures``, ``--jobs`` runs at a time, each stage a
-``kdseg`` subprocess) or a Slurm cluster through submitit, one job per run with all of its stages
-in order (:func:`kdseg.reproduce.execute.run_stages` on the node).
-
-Finished runs are skipped before anything is submitted, and the stage folders decide what a job
-does (skip, resume, fresh fit), so the local and the Slurm launcher share one resume logic.
-``submitit-local`` sends the same jobs through submitit's ``LocalExecutor`` (separate processes on
-this machine), to try a Slurm setup without a cluster. Slurm parameters are submitit's
-``AutoExecutor`` ones (``slurm_partition``, ``timeout_min``, ``gpus_per_node``, ``cpus_per_task``,
-``mem_gb``, ``slurm_array_parallelism``...), from the profile's ``slurm`` block, then
-``--slurm KEY=VALUE``; ``--jobs`` only concerns the local launcher. Stopping the runner (Ctrl-C, SIGTERM) cancels its Slurm jobs, whose fits
-save their step and resume on the next call.
+"""Where the runs go: here (``concurrent.futures``, ``--jobs`` at a time) or one submitit job per run
+(``slurm``, or ``submitit-local``: submitit's LocalExecutor, a Slurm dry run), each calling
+:func:`~kdseg.reproduce.execute.run_stages`, so both share the stage folders' skip / resume logic.
+Slurm parameters are submitit AutoExecutor's, from the profile's ``slurm`` block then ``--slurm``.
+Stopping the runner cancels its jobs; their fits save their step and resume on the next call.
 """
 
 from __future__ import annotations
@@ -22,14 +15,12 @@ from typing import Any, Callable
 from kdseg.reproduce.execute import STOP, RunResult, headline, read_finished, run_stages, stop_children
 from kdseg.reproduce.plan import RunPlan
 
-LAUNCHERS = ("local", "slurm", "submitit-local")
 #: Defaults under the profile's ``slurm`` block and ``--slurm``: one GPU per run, a day at most.
 SLURM_DEFAULTS = {"name": "kdseg-reproduce", "timeout_min": 24 * 60, "gpus_per_node": 1, "cpus_per_task": 8}
 
 
 class OutDirLock:
-    """Keeps a second runner off one output folder (it would train the same runs twice); a lock
-    left by a runner that died (its pid is gone) is taken over."""
+    """Keeps a second runner off one output folder; a dead runner's lock is taken over."""
 
     def __init__(self, out: Path) -> None:
         self.path = out / ".reproduce.lock"
@@ -39,12 +30,12 @@ class OutDirLock:
         try:
             pid = int(self.path.read_text().strip() or 0)
             os.kill(pid, 0)  # ProcessLookupError: the runner that left the lock is gone
-            raise RuntimeError(f"{self.path}: another reproduce runner (pid {pid}) is using {self.path.parent}")
         except PermissionError:  # alive, another user's
-            raise RuntimeError(f"{self.path}: another reproduce runner (pid {pid}) is using {self.path.parent}") from None
+            pass
         except (FileNotFoundError, ProcessLookupError, ValueError):
             self.path.write_text(str(os.getpid()))
-        return self
+            return self
+        raise RuntimeError(f"{self.path}: another reproduce runner (pid {pid}) is using {self.path.parent}")
 
     def __exit__(self, *exc: Any) -> None:
         self.path.unlink(missing_ok=True)
@@ -53,8 +44,8 @@ class OutDirLock:
 def launch(runs: list[RunPlan], out: Path, launcher: str = "local", jobs: int = 1, threads: int = 1,
            max_runs: int | None = None, slurm: dict[str, Any] | None = None,
            say: Callable[[str], None] = print) -> list[RunResult]:
-    """Runs the selected unfinished plans (at most ``max_runs``); one result per plan, selected or
-    not (unselected ones are read from disk when finished earlier)."""
+    """Runs the selected unfinished plans (at most ``max_runs``); one result per plan (unselected ones
+    read from disk when finished earlier)."""
     selected = [r for r in runs if r.selected]
     results: dict[int, RunResult] = {}
     todo: list[tuple[RunPlan, str]] = []

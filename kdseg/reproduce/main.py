@@ -1,11 +1,7 @@
-"""Command line of the reproduction (``python -m kdseg.reproduce``, ``make reproduce-table``).
-
-Plans every run of the matrix under the profile, runs the selected unfinished ones (locally
-``--jobs`` at a time with ``max(1, cores // jobs)`` torch threads each unless ``--threads``, or one
-Slurm job per run with ``--launcher slurm``), then writes the tables and figures to
-``<results>/<profile>/``. Exit status: 0 when every selected run finished, 1 when one failed (the
-others still ran and the table shows FAILED), 2 for a bad matrix, profile or papers file, or
-missing data (one ``kdseg: error:`` line), 130 when interrupted.
+"""``python -m kdseg.reproduce`` (``make reproduce-table``): plans every run of the matrix under the
+profile, runs the selected unfinished ones, writes tables and figures to ``<results>/<profile>/``.
+Exit status: 0 all selected runs finished, 1 one failed (the table says FAILED), 2 bad input (one
+``kdseg: error:`` line), 130 interrupted.
 """
 
 from __future__ import annotations

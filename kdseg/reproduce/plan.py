@@ -1,32 +1,99 @@
-"""The matrix expanded into runs: every (setting, method, seed) with the ``kdseg fit`` arguments of
-each of its stages and each stage's key.
-
-A stage's arguments, later ones winning as in any ``kdseg`` command: ``--config`` for each file of
-the stage's stack, then the profile's config files of the setting; the matrix's overrides (setting,
-method, stage); the profile's (every run, the setting, ``per_config``); the data's
-(:mod:`kdseg.reproduce.data`) and ``--seed_everything``; from the second stage on
-``--model.init_args.init_weights_from`` the previous stage's checkpoint.
-
-Keys are computed for every run of the matrix (the table shows every entry) from the resolved
-config (:mod:`kdseg.reproduce.config_key`). The checkpoint a stage starts from does not exist while
-planning, so it is named by the previous stage's key and kind (``handed-on:<key>:best``): a later
-stage's key changes whenever an earlier stage's does.
+"""The matrix expanded into runs: every (setting, method, seed) with each stage's ``kdseg fit``
+arguments (later winning: the stack's and the profile's ``--config`` files; the matrix's, the
+profile's and the data's overrides; ``--seed_everything``) and key. A handed-on checkpoint does not
+exist while planning: it is named ``handed-on:<previous key>:<best|last>``, so a later stage's key
+changes whenever an earlier stage's does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import hashlib
+import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from kdseg.reproduce.config_key import ConfigError, config_key, resolve_config
 from kdseg.reproduce.data import DataUnavailable, PreparedData, prepare_data
 from kdseg.reproduce.spec import Matrix, Method, Profile, ProfileSetting, Setting, SpecError
 
 INIT_WEIGHTS_ARG = "--model.init_args.init_weights_from"
+
+#: Config fields that do not change what a run computes: left out of the key (split files count by content).
+IGNORED_FIELDS: tuple[str, ...] = (
+    "trainer.logger",
+    "trainer.default_root_dir",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "checkpoint.dirpath",
+    "checkpoint.verbose",
+    "prediction_writer",
+    "ckpt_path",
+)
+KEY_LENGTH = 12
+
+
+class ConfigError(ValueError):
+    """``kdseg`` refused the arguments (unknown key, bad value): the message is its error."""
+
+
+def resolve_config(args: Sequence[str], subcommand: str = "fit") -> str:
+    """``kdseg <subcommand> <args> --print_config``, parsed in this process (a subprocess would spend
+    seconds importing torch); ConfigError with the end of the CLI's error output if it refuses."""
+    from kdseg.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code: Any = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main([subcommand, *args, "--print_config"])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    except Exception as error:  # a config that breaks the parser in another way
+        raise ConfigError(f"{type(error).__name__}: {error}") from None
+    if code not in (0, None) or not out.getvalue().strip():
+        tail = "\n".join(err.getvalue().strip().splitlines()[-8:])
+        raise ConfigError(tail or f"kdseg {subcommand} --print_config exited with {code}")
+    return out.getvalue()
+
+
+def normalized_config(resolved: str | dict[str, Any]) -> dict[str, Any]:
+    """The resolved config without :data:`IGNORED_FIELDS`, split files replaced by their content hash."""
+    config = yaml.safe_load(resolved) if isinstance(resolved, str) else json.loads(json.dumps(resolved))
+    if not isinstance(config, dict):
+        raise ValueError("a resolved config must be a mapping")
+    for dotted in IGNORED_FIELDS:
+        *parents, last = dotted.split(".")
+        node: Any = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    _alias_split_files(config)
+    return config
+
+
+def config_key(resolved: str | dict[str, Any]) -> str:
+    """A short hex hash of :func:`normalized_config` (the same config gives the same key)."""
+    text = json.dumps(normalized_config(resolved), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def _alias_split_files(node: Any) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key.endswith("_split") and isinstance(value, str) and Path(value).is_file():
+                node[key] = {"split_sha256": hashlib.sha256(Path(value).read_bytes()).hexdigest()}
+            else:
+                _alias_split_files(value)
+    elif isinstance(node, list):
+        for item in node:
+            _alias_split_files(item)
 
 
 @dataclass
@@ -79,7 +146,7 @@ class RunPlan:
 
     @property
     def error(self) -> str | None:
-        """Why this run cannot start (data missing, a stage rejected by the CLI), else None."""
+        """Why this run cannot start, else None."""
         bad = next((s for s in self.stages if s.error), None)
         return self.unavailable or (bad and f"stage {bad.index}/{bad.count} ({bad.name}): {bad.error}")
 
@@ -93,8 +160,7 @@ class RunPlan:
 
 
 def parse_selection(only: Sequence[str], matrix: Matrix) -> set[tuple[str, str]]:
-    """The (setting, method) pairs named by ``--only`` patterns (``setting`` or ``setting/method``,
-    shell wildcards allowed, comma-separated); all pairs when ``only`` is empty."""
+    """The (setting, method) pairs ``--only`` names (``setting[/method]``, wildcards, commas); all if empty."""
     pairs = {(s, m) for s, setting in matrix.settings.items() for m in setting.methods}
     chosen = set()
     for item in (i.strip() for pattern in only for i in pattern.split(",") if i.strip()):
@@ -120,13 +186,8 @@ def stage_args(setting: Setting, method: Method, index: int, profile: Profile, d
 
 def plan_runs(matrix: Matrix, profile: Profile, out: Path, selection: set[tuple[str, str]],
               seeds: Sequence[int] | None = None) -> list[RunPlan]:
-    """Every run of the matrix under ``profile`` in matrix order, with keys; ``selection`` marks
-    the runs to execute.
-
-    Raises:
-        SpecError: the profile has no data entry for a data kind the matrix uses.
-        DataUnavailable: a selected setting's data is missing.
-    """
+    """Every run of the matrix under ``profile`` in matrix order, with keys; ``selection`` marks the
+    runs to execute. Raises SpecError (no data entry) or DataUnavailable (a selected setting's data)."""
     prepared: dict[str, PreparedData | DataUnavailable] = {}
     for kind in sorted({s.data for s in matrix.settings.values()}):
         if kind not in profile.data:

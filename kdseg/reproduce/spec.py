@@ -1,7 +1,6 @@
-"""The declared files of a reproduction: the experiment matrix, a budget profile laid over it, and
-the papers' reported numbers. Read with OmegaConf (``${vars.steps}`` interpolation, ``--set``
-merged in as a dotlist) and checked before any run starts: every problem is one :class:`SpecError`
-naming the file and the entry, because a typo found after an hour of training costs the hour.
+"""The matrix, a budget profile laid over it, and the papers' numbers: read with OmegaConf
+(``${vars.steps}``, ``--set`` as a dotlist) and checked before any run starts, each problem one
+:class:`SpecError` naming file and entry (a typo found after an hour of training costs the hour).
 
 Matrix (``experiments/reproduce/matrix.yaml``)::
 
@@ -38,14 +37,81 @@ read_at, note), ``reported.<setting>`` rows (method, label, source, where, metri
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kdseg.reproduce.metrics import KNOWN_METRICS, TASKS
+from kdseg.data.datamodule import ACDC_CLASS_NAMES
+from kdseg.data.instances import CLASS_NAMES as CELL_CLASS_NAMES
+
+#: The metric ids of ``test_metrics.json`` (``dice_RV``, ``hd95_mean``, ``aji_mean``) that the tables and
+#: ``paper_numbers.yaml`` share.
+TASKS = ("semantic", "instance")
+
+
+@dataclass(frozen=True)
+class Column:
+
+    metric: str
+    header: str
+    distance: bool = False
+
+
+#: The columns of each task's table, in order. Per-class ASD beside per-class Dice: a method can gain
+#: Dice on the large LV while its RV boundaries stray far; per-class HD95 stays in table.csv.
+COLUMNS: dict[str, tuple[Column, ...]] = {
+    "semantic": (*(Column(f"dice_{n}", f"Dice {n}") for n in ACDC_CLASS_NAMES.values()), Column("dice_mean", "Dice mean"),
+                 Column("hd95_mean", "HD95 mean", True), *(Column(f"asd_{n}", f"ASD {n}", True)
+                 for n in ACDC_CLASS_NAMES.values()), Column("asd_mean", "ASD mean", True)),
+    "instance": (Column("aji_mean", "AJI"), Column("map_mean", "mAP"), Column("ap50_mean", "AP50"),
+                 Column("f1_mean", "F1@0.5"), *(Column(f"dice_{n}", f"Dice {n}") for n in CELL_CLASS_NAMES.values()),
+                 Column("dice_mean", "Dice mean")),
+}
+
+#: Metric ids a task can report (the table's columns plus the per-class values behind them).
+KNOWN_METRICS: dict[str, frozenset[str]] = {
+    "semantic": frozenset(f"{m}_{n}" for m in ("dice", "hd95", "asd") for n in [*ACDC_CLASS_NAMES.values(), "mean"]),
+    "instance": frozenset(f"{m}_{n}" for m in ("aji", "aji_gated", "f1", "dice", "map", "ap50", "ap75")
+                          for n in [*CELL_CLASS_NAMES.values(), "mean"]),
+}
+
+#: The metric in each run's progress line and the headline of its figures.
+HEADLINE: dict[str, tuple[str, str]] = {"semantic": ("dice_mean", "Dice"), "instance": ("aji_mean", "AJI")}
+
+
+def flatten_test_metrics(task: str, content: Mapping[str, Any]) -> dict[str, float]:
+    """``{metric id: value}`` from a ``test_metrics.json`` of ``task`` (NaN stays NaN); ValueError
+    naming the missing key when it is not a summary of that task."""
+    out: dict[str, float] = {}
+    if task == "semantic":
+        if "per_class" not in content or "mean" not in content:
+            raise ValueError("a semantic test_metrics.json needs 'per_class' and 'mean'")
+        for name, values in content["per_class"].items():
+            for metric in ("dice", "hd95", "asd"):
+                out[f"{metric}_{name}"] = _number(values.get(f"{metric}_mean"))
+        for metric, value in content["mean"].items():
+            out[f"{metric}_mean"] = _number(value)
+    elif task == "instance":
+        if "metrics" not in content:
+            raise ValueError("an instance test_metrics.json needs 'metrics'")
+        out = {k: _number(v) for k, v in content["metrics"].items()}
+    else:
+        raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
+    return out
+
+
+def distance_unit(task: str, content: Mapping[str, Any]) -> str | None:
+    """The unit of the distance columns (``mm`` or ``pixel``), None for tasks without any."""
+    return str(content.get("distance_unit", "pixel")) if task == "semantic" else None
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
 
 DATA_KINDS = ("acdc", "isbi2014")
 HAND_ON = ("best", "last")
@@ -57,7 +123,7 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class Stage:
-    """One ``kdseg fit``: a stack of config files, overrides, and the checkpoint it hands on."""
+    """One ``kdseg fit``."""
 
     configs: tuple[Path, ...]
     overrides: tuple[str, ...] = ()
@@ -67,7 +133,7 @@ class Stage:
 
 @dataclass(frozen=True)
 class Method:
-    """A table row: one or more stages run in order (each from the previous one's checkpoint)."""
+    """A table row: stages run in order."""
 
     name: str
     label: str
@@ -77,7 +143,7 @@ class Method:
 
 @dataclass(frozen=True)
 class Setting:
-    """One table: a data set and label budget, and the methods compared on it."""
+    """One table."""
 
     name: str
     title: str
@@ -104,7 +170,6 @@ class ProfileSetting:
 
 @dataclass(frozen=True)
 class Profile:
-    """A budget: what is added after each stage's configs, seeds, data, and Slurm parameters."""
 
     name: str
     path: Path
@@ -124,7 +189,6 @@ class Profile:
 
 @dataclass(frozen=True)
 class ReportedRow:
-    """Numbers a paper reports for one method in one setting, with where they were read."""
 
     setting: str
     method: str
@@ -146,7 +210,7 @@ class PaperNumbers:
 
 
 class _Reader:
-    """Checks of one file; every message starts with the file's path."""
+    """Checks of one file; every message starts with its path."""
 
     def __init__(self, path: str | Path, what: str, dotlist: list[str] = ()) -> None:
         self.path = Path(path).resolve()
@@ -178,18 +242,16 @@ class _Reader:
 
     def overrides(self, value: Any, where: str) -> tuple[str, ...]:
         """A flat tuple of ``--key=value`` strings from a (possibly nested) list."""
-        if value is None:
-            return ()
-        if not isinstance(value, list):
+        if value is not None and not isinstance(value, list):
             self.fail(f"{where} must be a list of '--key=value' strings")
         out: list[str] = []
-        for item in value:
+        for item in value or ():
             if isinstance(item, list):
                 out += self.overrides(item, where)
-            elif isinstance(item, str) and item.startswith("--") and "=" in item:
-                out.append(item)
-            else:
+            elif not (isinstance(item, str) and item.startswith("--") and "=" in item):
                 self.fail(f"{where}: {item!r} is not a '--key=value' override")
+            else:
+                out.append(item)
         return tuple(out)
 
     def seeds(self, value: Any, where: str) -> tuple[int, ...]:
@@ -200,20 +262,17 @@ class _Reader:
 
     def files(self, value: Any, where: str) -> tuple[Path, ...]:
         """One config file or a stack of them, made absolute (relative to the working directory)."""
-        values = value if isinstance(value, list) and value else [value]
         out = []
-        for item in values:
+        for item in value if isinstance(value, list) and value else [value]:
             if not isinstance(item, str) or not item:
                 self.fail(f"{where} must be a file path or a list of them")
-            file = Path(item).expanduser()
-            if not (Path.cwd() / file).is_file():
+            if not (file := Path.cwd() / Path(item).expanduser()).is_file():
                 self.fail(f"{where}: {item} does not exist (paths are relative to {Path.cwd()})")
-            out.append((Path.cwd() / file).resolve())
+            out.append(file.resolve())
         return tuple(out)
 
     def stack(self, value: Any, where: str) -> tuple[tuple[Path, ...], str]:
-        """The layers of a run of experiments/stacks.yaml, and its name after the data prefix
-        (``acdc/pce`` -> ``pce``, the run-folder prefix)."""
+        """The layers of a run of experiments/stacks.yaml and its run-folder prefix (``acdc/pce`` -> ``pce``)."""
         from kdseg.cli import STACKS_FILE, stack_layers
 
         if not isinstance(value, str) or not value:
@@ -321,8 +380,7 @@ def load_profile(path: str | Path, matrix: Matrix, extra_vars: dict[str, str] | 
 
 
 def load_paper_numbers(path: str | Path, matrix: Matrix) -> PaperNumbers:
-    """Reads the papers' reported numbers: every row names a known source, a setting of the matrix
-    and metric ids that setting's task reports."""
+    """Reads the papers' numbers: each row names a known source, a setting and its task's metric ids."""
     r = _Reader(path, "paper numbers")
     content = r.mapping(r.content, "top level", {"sources", "reported", "not_recorded"}, {"sources"})
     sources = {sid: {k: str(v) for k, v in r.mapping(raw, f"sources.{sid}", {"citation", "short", "note", "read_at"},

@@ -1,14 +1,8 @@
-"""The results table: one table per setting, as ``table.md``, ``table.csv`` and ``table.tex``.
-
-Rows are the matrix's methods (matrix order), each the mean +- sample std (``ddof=1``) over its
-finished seeds of the per-run test summary, then the papers' numbers for that setting ("reported
-in <paper>, <table>"). ACDC tables add the paired difference in mean Dice to the label-only
-baseline (:mod:`kdseg.reproduce.baseline`) and a "missed / spurious" count per class; HD95 / ASD
-headers name their convention and unit. A method with no finished seed shows FAILED or "not run",
-and the failures' logs close the table. Captions state budget, data, ACDC protocol and tested
-checkpoint from the runs' resolved configs. ``runs.csv`` has one row per run, and each finished
-run's ``test_metrics.json`` / ``test_cases.csv`` / ``result.json`` is copied to
-``runs/<setting>/<method>/seed<k>/`` beside the tables (a results folder without checkpoints).
+"""The results table, one per setting, as ``table.md`` / ``table.csv`` / ``table.tex``: per method
+(matrix order) the mean +- sample std (``ddof=1``) over its finished seeds, then the papers'
+numbers; ACDC tables add the paired difference to the label-only baseline and "missed / spurious"
+counts. Captions come from the runs' resolved configs. Beside them ``runs.csv`` (one row per run)
+and each finished run's result files under ``runs/<setting>/<method>/seed<k>/``.
 """
 
 from __future__ import annotations
@@ -24,10 +18,10 @@ from typing import Any, Iterable
 import numpy as np
 
 from kdseg.metrics.paired import PairedDifference
-from kdseg.reproduce.baseline import BaselineComparison, caption_text, compare_to_baseline
+from kdseg.reproduce.baseline import caption_text, compare_to_baseline
 from kdseg.reproduce.execute import RunResult
-from kdseg.reproduce.metrics import COLUMNS, KNOWN_METRICS, distance_unit
-from kdseg.reproduce.spec import Matrix, PaperNumbers, Profile, ReportedRow, Setting
+from kdseg.reproduce.spec import (COLUMNS, KNOWN_METRICS, Matrix, PaperNumbers, Profile, ReportedRow, Setting,
+                                  distance_unit)
 
 DASH = "–"
 
@@ -36,7 +30,7 @@ DASH = "–"
 class Stat:
     mean: float
     std: float | None
-    n: int
+    n: int = 1
 
 
 @dataclass
@@ -54,8 +48,7 @@ class Row:
     iterations: str = ""
     reported: ReportedRow | None = None
     failures: list[RunResult] = field(default_factory=list)
-    #: semantic rows: ``{class name: [missed, spurious]}`` summed over the finished seeds' volumes.
-    misses: dict[str, list[int]] = field(default_factory=dict)
+    misses: dict[str, list[int]] = field(default_factory=dict)  # {class: [missed, spurious]} over seeds
 
     def misses_cell(self, names: list[str]) -> str:
         if self.kind == "reported" or not self.misses:
@@ -66,22 +59,16 @@ class Row:
     def status(self) -> str:
         if self.kind == "reported":
             return "reported"
-        if self.seeds_finished and not self.seeds_failed:
-            return "ok"
         if self.seeds_finished:
-            return "partial"
+            return "partial" if self.seeds_failed else "ok"
         return "FAILED" if self.seeds_failed else "not run"
 
     def seeds_cell(self) -> str:
         if self.kind == "reported":
             return DASH
-        text = str(self.seeds_finished)
-        if self.seeds_failed:
-            text += f" ({self.seeds_failed} FAILED)"
         missing = self.seeds_planned - self.seeds_finished - self.seeds_failed
-        if missing:
-            text += f" ({missing} not run)"
-        return text
+        return (str(self.seeds_finished) + (f" ({self.seeds_failed} FAILED)" if self.seeds_failed else "")
+                + (f" ({missing} not run)" if missing else ""))
 
 
 def aggregate(values: Iterable[float]) -> Stat | None:
@@ -97,39 +84,30 @@ def build_rows(setting: Setting, results: list[RunResult], papers: PaperNumbers 
     """The measured rows of ``setting`` (matrix order) and its reported rows."""
     rows: list[Row] = []
     for method in setting.methods.values():
-        mine = [r for r in results if r.plan.setting.name == setting.name and r.plan.method.name == method.name]
-        row = Row(setting.name, method.name, method.label, "measured", seeds_planned=len(mine))
+        mine = _of(results, setting, method.name)
         finished = [r for r in mine if r.has_metrics]
-        row.seeds_finished = len(finished)
-        row.failures = [r for r in mine if r.status == "failed"]
-        row.seeds_failed = len(row.failures)
+        failures = [r for r in mine if r.status == "failed"]
+        row = Row(setting.name, method.name, method.label, "measured", seeds_finished=len(finished),
+                  seeds_failed=len(failures), seeds_planned=len(mine), failures=failures)
         for metric in sorted(KNOWN_METRICS[setting.task]):
-            stat = aggregate(r.metrics.get(metric, math.nan) for r in finished)
-            if stat is not None:
+            if (stat := aggregate(r.metrics.get(metric, math.nan) for r in finished)) is not None:
                 row.stats[metric] = stat
-        iterations = {"+".join(str(i) for i in r.plan.iterations) for r in mine if r.plan.stages and not r.plan.error}
-        row.iterations = ", ".join(sorted(iterations))
-        if setting.task == "semantic":
-            row.misses = miss_counts(r.test_metrics for r in finished)
+        row.iterations = ", ".join(sorted({"+".join(str(i) for i in r.plan.iterations)
+                                           for r in mine if r.plan.stages and not r.plan.error}))
+        for summary in (r.test_metrics for r in finished) if setting.task == "semantic" else ():
+            for name, values in summary.get("per_class", {}).items():
+                counts = row.misses.setdefault(name, [0, 0])
+                counts[0] += int(values.get("missed", 0))
+                counts[1] += int(values.get("spurious", 0))
         rows.append(row)
-    for reported in (papers.rows if papers else ()):
-        if reported.setting == setting.name:
-            row = Row(setting.name, reported.method, f"{reported.label} (reported in {reported.short}, {reported.where})",
-                      "reported", reported=reported)
-            row.stats = {k: Stat(v, None, 1) for k, v in reported.metrics.items()}
-            rows.append(row)
-    return rows
+    return rows + [Row(setting.name, p.method, f"{p.label} (reported in {p.short}, {p.where})", "reported",
+                       reported=p, stats={k: Stat(v, None) for k, v in p.metrics.items()})
+                   for p in (papers.rows if papers else ()) if p.setting == setting.name]
 
 
-def miss_counts(summaries: Iterable[dict[str, Any]]) -> dict[str, list[int]]:
-    """``{class name: [missed, spurious]}`` summed over semantic ``test_metrics.json`` contents."""
-    out: dict[str, list[int]] = {}
-    for summary in summaries:
-        for name, values in summary.get("per_class", {}).items():
-            counts = out.setdefault(name, [0, 0])
-            counts[0] += int(values.get("missed", 0))
-            counts[1] += int(values.get("spurious", 0))
-    return out
+def _of(results: list[RunResult], setting: Setting, method: str | None = None) -> list[RunResult]:
+    """The results of ``setting`` (and ``method``)."""
+    return [r for r in results if r.plan.setting.name == setting.name and method in (None, r.plan.method.name)]
 
 
 def _fmt(stat: Stat | None, distance: bool) -> str:
@@ -143,19 +121,15 @@ def _fmt(stat: Stat | None, distance: bool) -> str:
 
 
 def _unit(results: list[RunResult], setting: Setting) -> str | None:
-    units = {distance_unit(setting.task, r.test_metrics) for r in results
-             if r.plan.setting.name == setting.name and r.has_metrics}
-    units.discard(None)
+    units = {distance_unit(setting.task, r.test_metrics) for r in _of(results, setting) if r.has_metrics}
     return ", ".join(sorted(u for u in units if u)) or None
 
 
 def _convention(results: list[RunResult], setting: Setting) -> str | None:
-    """The HD95 / ASD convention of a semantic setting's finished runs (``monai`` for runs tested
-    before kdseg recorded it: MONAI was then the only one)."""
+    """The HD95 / ASD convention of a semantic setting (``monai`` for runs from before it was recorded)."""
     if setting.task != "semantic":
         return None
-    found = {str(r.test_metrics.get("distance_convention", "monai")) for r in results
-             if r.plan.setting.name == setting.name and r.has_metrics}
+    found = {str(r.test_metrics.get("distance_convention", "monai")) for r in _of(results, setting) if r.has_metrics}
     return ", ".join(sorted(found)) or None
 
 
@@ -184,7 +158,7 @@ def _distance_text(convention: str | None, unit: str | None) -> str:
 
 def caption(setting: Setting, results: list[RunResult], profile: Profile, papers: PaperNumbers | None) -> str:
     """The budget, data, checkpoint and statistics of one setting's table, from its runs' configs."""
-    runs = [r for r in results if r.plan.setting.name == setting.name and r.plan.stages]
+    runs = [r for r in _of(results, setting) if r.plan.stages]
     finals = [r.plan.final for r in runs if r.plan.final.resolved]
 
     def values(dotted: str, none: str = "?") -> str:
@@ -229,38 +203,15 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
     paired = compare_to_baseline(setting, results)
     if paired:
         parts.append(caption_text(paired))
-    stats = "Values: mean ± sample std (ddof=1) over the finished seeds (number in 'seeds')."
-    parts.append(stats)
+    parts.append("Values: mean ± sample std (ddof=1) over the finished seeds (number in 'seeds').")
     if setting.task == "semantic":
         parts.append(_distance_text(_convention(results, setting), _unit(results, setting)))
-    reported = [r for r in (papers.rows if papers else ()) if r.setting == setting.name]
-    if reported:
-        parts.append(
-            "Rows 'reported in' are the papers' own numbers (their budgets, networks and test splits; see "
-            f"{papers.path.name if papers else ''}): a reference, not a like-for-like comparison."
-        )
+    if papers is not None and any(r.setting == setting.name for r in papers.rows):
+        parts.append("Rows 'reported in' are the papers' own numbers (their budgets, networks and test splits; see "
+                     f"{papers.path.name}): a reference, not a like-for-like comparison.")
     elif papers is not None:
-        parts.append(
-            f"Papers' numbers: none recorded for this setting in {papers.path.name} (see its not_recorded list)."
-        )
+        parts.append(f"Papers' numbers: none recorded for this setting in {papers.path.name} (see its not_recorded list).")
     return " ".join(parts)
-
-
-#: ``table.csv`` columns of the paired comparison with the label-only baseline (ACDC settings).
-PAIRED_CSV_COLUMNS = ("paired_baseline", "paired_dice_mean_diff", "paired_low", "paired_high", "paired_pairs")
-
-
-def _paired_cell(paired: BaselineComparison, row: Row) -> str:
-    return paired.cell(row.method) if row.kind == "measured" else DASH
-
-
-def _paired_csv(paired: BaselineComparison, method: str) -> dict[str, Any]:
-    found = paired.differences.get(method)
-    line: dict[str, Any] = {"paired_baseline": paired.baseline}
-    if isinstance(found, PairedDifference):
-        line.update(paired_dice_mean_diff=f"{found.mean:.6g}", paired_low=f"{found.low:.6g}",
-                    paired_high=f"{found.high:.6g}", paired_pairs=found.pairs)
-    return line
 
 
 def _scored_at_text(size: str, native: str) -> str:
@@ -276,45 +227,35 @@ def _size_text(size: str) -> str:
     return "images at their original size" if size == "original" else f"images resized to {size} px (longer side)"
 
 
-# --------------------------------------------------------------------------- writers
-
-
 def _columns(setting: Setting, unit: str | None, convention: str | None = None) -> list[tuple[str, str, bool]]:
-    out = []
+    """(metric, header, is a distance) per column; distance headers name convention and unit."""
     tag = ", ".join(v for v in (convention, unit) if v)
-    for col in COLUMNS[setting.task]:
-        header = f"{col.header} ({tag})" if col.distance and tag else col.header
-        out.append((col.metric, header, col.distance))
-    return out
+    return [(c.metric, f"{c.header} ({tag})" if c.distance and tag else c.header, c.distance)
+            for c in COLUMNS[setting.task]]
 
 
 def _class_names(setting: Setting) -> list[str]:
     """Semantic settings' class names in column order (for the miss counts)."""
-    if setting.task != "semantic":
-        return []
-    return [c.metric[len("dice_"):] for c in COLUMNS["semantic"] if c.metric.startswith("dice_") and c.metric != "dice_mean"]
-
-
-def _misses_header(names: list[str]) -> str:
-    return "missed / spurious: " + ", ".join(names)
+    return [c.metric[5:] for c in COLUMNS["semantic"] if c.metric.startswith("dice_") and c.metric != "dice_mean"
+            ] if setting.task == "semantic" else []
 
 
 def _grid(setting: Setting, results: list[RunResult], papers: PaperNumbers | None
           ) -> tuple[list[str], list[tuple[Row, list[str] | str]]]:
     """The headers of a setting's table and, per row, its cells (or the status of a row with no
     finished seed), shared by the markdown and LaTeX writers."""
-    rows = build_rows(setting, results, papers)
     cols = _columns(setting, _unit(results, setting), _convention(results, setting))
     names = _class_names(setting)
     paired = compare_to_baseline(setting, results)
-    headers = [h for _, h, _ in cols] + ([_misses_header(names)] if names else []) + ([paired.header] if paired else [])
+    headers = ([h for _, h, _ in cols] + (["missed / spurious: " + ", ".join(names)] if names else [])
+               + ([paired.header] if paired else []))
     out: list[tuple[Row, list[str] | str]] = []
-    for row in rows:
+    for row in build_rows(setting, results, papers):
         if row.kind == "measured" and not row.seeds_finished:
             out.append((row, row.status))
             continue
         cells = [_fmt(row.stats.get(m), d) for m, _, d in cols] + ([row.misses_cell(names)] if names else [])
-        out.append((row, cells + ([_paired_cell(paired, row)] if paired else [])))
+        out.append((row, cells + ([paired.cell(row.method) if row.kind == "measured" else DASH] if paired else [])))
     return headers, out
 
 
@@ -386,38 +327,30 @@ def latex(matrix: Matrix, profile: Profile, results: list[RunResult], papers: Pa
 
 def csv_rows(matrix: Matrix, results: list[RunResult], papers: PaperNumbers | None) -> tuple[list[str], list[dict[str, Any]]]:
     """Header and rows of ``table.csv``."""
-    metrics: list[str] = []
-    for setting in matrix.settings.values():
-        for col in COLUMNS[setting.task]:
-            if col.metric not in metrics:
-                metrics.append(col.metric)
-    for setting in matrix.settings.values():
-        for m in sorted(KNOWN_METRICS[setting.task]):
-            if m not in metrics:
-                metrics.append(m)
-    names: list[str] = []
-    for setting in matrix.settings.values():
-        names += [n for n in _class_names(setting) if n not in names]
+    settings = matrix.settings.values()
+    metrics = list(dict.fromkeys([*(c.metric for s in settings for c in COLUMNS[s.task]),
+                                  *(m for s in settings for m in sorted(KNOWN_METRICS[s.task]))]))
+    names = list(dict.fromkeys(n for s in settings for n in _class_names(s)))
     header = ["setting", "method", "label", "kind", "status", "seeds_finished", "seeds_failed", "seeds_planned",
-              "iterations", "distance_unit", "distance_convention", "source", "where"]
-    header += [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]
-    header += [f"{k}_{n}" for n in names for k in ("missed", "spurious")]
-    header += list(PAIRED_CSV_COLUMNS)
+              "iterations", "distance_unit", "distance_convention", "source", "where",
+              *(f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")),
+              *(f"{k}_{n}" for n in names for k in ("missed", "spurious")),
+              "paired_baseline", "paired_dice_mean_diff", "paired_low", "paired_high", "paired_pairs"]
     out = []
     for setting in matrix.settings.values():
         unit = _unit(results, setting) or ""
         convention = _convention(results, setting) or ""
         paired = compare_to_baseline(setting, results)
         for row in build_rows(setting, results, papers):
+            measured = row.kind == "measured"
             line: dict[str, Any] = {
                 "setting": row.setting, "method": row.method, "label": row.label, "kind": row.kind,
-                "status": row.status, "seeds_finished": row.seeds_finished if row.kind == "measured" else "",
-                "seeds_failed": row.seeds_failed if row.kind == "measured" else "",
-                "seeds_planned": row.seeds_planned if row.kind == "measured" else "",
-                "iterations": row.iterations, "distance_unit": unit if row.kind == "measured" else "",
-                "distance_convention": convention if row.kind == "measured" else "",
+                "status": row.status, "iterations": row.iterations,
                 "source": row.reported.citation if row.reported else "",
                 "where": row.reported.where if row.reported else "",
+                **({"seeds_finished": row.seeds_finished, "seeds_failed": row.seeds_failed,
+                    "seeds_planned": row.seeds_planned, "distance_unit": unit, "distance_convention": convention}
+                   if measured else {}),
             }
             for metric, stat in row.stats.items():
                 line[f"{metric}_mean"] = f"{stat.mean:.6g}"
@@ -426,17 +359,20 @@ def csv_rows(matrix: Matrix, results: list[RunResult], papers: PaperNumbers | No
             for name, (missed, spurious) in row.misses.items():
                 if name in names:
                     line[f"missed_{name}"], line[f"spurious_{name}"] = missed, spurious
-            if paired and row.kind == "measured":
-                line.update(_paired_csv(paired, row.method))
+            found = paired.differences.get(row.method) if paired and measured else None
+            if paired and measured:
+                line["paired_baseline"] = paired.baseline
+            if isinstance(found, PairedDifference):
+                line.update(paired_dice_mean_diff=f"{found.mean:.6g}", paired_low=f"{found.low:.6g}",
+                            paired_high=f"{found.high:.6g}", paired_pairs=found.pairs)
             out.append(line)
     return header, out
 
 
 def write_tables(results_dir: Path, matrix: Matrix, profile: Profile, results: list[RunResult],
                  papers: PaperNumbers | None) -> dict[str, Path]:
-    """Writes ``table.md`` / ``table.csv`` / ``table.tex`` / ``runs.csv`` and the per-run metrics
-    files under ``results_dir``; returns the table paths. Tables are rewritten on each call: they
-    are a view of the run folders, which hold the results."""
+    """Writes the tables, ``runs.csv`` and the per-run files under ``results_dir`` (rewritten on each
+    call: a view of the run folders); returns the table paths."""
     results_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": results_dir / "table.md", "csv": results_dir / "table.csv", "tex": results_dir / "table.tex"}
     paths["md"].write_text(markdown(matrix, profile, results, papers))
@@ -446,13 +382,7 @@ def write_tables(results_dir: Path, matrix: Matrix, profile: Profile, results: l
         writer = csv.DictWriter(f, fieldnames=header, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    _write_runs_csv(results_dir / "runs.csv", results)
-    _copy_run_files(results_dir / "runs", results)
-    return paths
-
-
-def _write_runs_csv(path: Path, results: list[RunResult]) -> None:
-    with path.open("w", newline="") as f:
+    with (results_dir / "runs.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         # "seconds": time spent by this call (0 for a run skipped as finished); "run_seconds": the
         # run's own fit + test time as recorded in its stage folders, whichever call ran it.
@@ -466,6 +396,14 @@ def _write_runs_csv(path: Path, results: list[RunResult]) -> None:
                 "+".join(str(s.key) for s in r.plan.stages), r.folder or "", r.result.get("checkpoint", ""),
                 failure.get("message", ""), failure.get("stderr", ""),
             ])
+    for r in results:  # a results folder without checkpoints
+        if r.has_metrics and r.folder is not None:
+            target = results_dir / "runs" / r.plan.setting.name / r.plan.method.name / f"seed{r.plan.seed}"
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("test_metrics.json", "test_cases.csv", "result.json"):
+                if (r.folder / name).is_file():
+                    shutil.copyfile(r.folder / name, target / name)
+    return paths
 
 
 def _recorded_seconds(r: RunResult) -> str:
@@ -480,13 +418,3 @@ def _recorded_seconds(r: RunResult) -> str:
         total += float(json.loads(done.read_text()).get("seconds", math.nan))
     return "" if math.isnan(total) else f"{total:.0f}"
 
-
-def _copy_run_files(target_root: Path, results: list[RunResult]) -> None:
-    for r in results:
-        if not r.has_metrics or r.folder is None:
-            continue
-        target = target_root / r.plan.setting.name / r.plan.method.name / f"seed{r.plan.seed}"
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("test_metrics.json", "test_cases.csv", "result.json"):
-            if (r.folder / name).is_file():
-                shutil.copyfile(r.folder / name, target / name)
