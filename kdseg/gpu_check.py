@@ -247,7 +247,10 @@ def compare_rank_states(rank0: dict[str, Any], rank1: dict[str, Any]) -> dict[st
 # data and commands
 # --------------------------------------------------------------------------------------------
 def _profile(name: str) -> dict[str, Any]:
-    return yaml.safe_load((PROFILES / f"{name}.yaml").read_text())
+    """A reproduce profile with its OmegaConf interpolations (``${vars.steps}``, ...) resolved."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(PROFILES / f"{name}.yaml"), resolve=True)
 
 
 def _resolve(spec: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_CYTOLOGY_PHANTOM, TINY_DETECTOR, TINY_NETWORK, run_cli
+from conftest import REPO, TINY_CYTOLOGY_PHANTOM, TINY_DETECTOR, TINY_NETWORK, run_cli, stack
 from test_cli import PHANTOM_TINY_DATA
 
 TESTS = Path(__file__).resolve().parent
@@ -32,9 +32,10 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
 
 
-def _fit_args(config: str, steps: int, extra: list[str], version: str) -> list[str]:
+def _fit_args(run: str, steps: int, extra: list[str], version: str) -> list[str]:
+    """``kdseg fit`` of a run of experiments/stacks.yaml for ``steps`` steps into ``version``."""
     return [
-        "fit", f"--config={REPO / 'experiments' / config}", f"--trainer.max_steps={steps}",
+        "fit", *stack(run), f"--trainer.max_steps={steps}",
         "--trainer.val_check_interval=4", "--trainer.check_val_every_n_epoch=null", *extra,
         f"--trainer.logger.init_args.version={version}",
     ]
@@ -71,9 +72,9 @@ def _interrupted_then_resumed(root: Path, config: str, steps: int, k: int, extra
 @pytest.mark.parametrize(
     ("config", "steps", "k"),
     [
-        ("phantom/mean_teacher.yaml", 9, 3),  # mid-epoch (6 batches an epoch), before a validation
-        ("phantom/mean_teacher.yaml", 9, 6),  # the last batch of epoch 0
-        ("phantom/scribsd_plus.yaml", 7, 5),  # scribble supervision, its input noise
+        ("phantom/mean_teacher", 9, 3),  # mid-epoch (6 batches an epoch), before a validation
+        ("phantom/mean_teacher", 9, 6),  # the last batch of epoch 0
+        ("phantom/scribsd_plus", 7, 5),  # scribble supervision, its input noise
     ],
     ids=["mean_teacher-mid_epoch", "mean_teacher-epoch_end", "scribsd_plus-mid_epoch"],
 )
@@ -87,17 +88,17 @@ def test_resume_after_sigterm_is_exact(config: str, steps: int, k: int, in_tmp_c
 def test_action_stage3_resume_is_exact(in_tmp_cwd: Path) -> None:
     """Stage 3 initialised from an earlier stage's checkpoint (init_weights_from), stopped by
     SIGINT (Ctrl-C) mid-epoch."""
-    init = run_cli(_fit_args("phantom/supervised.yaml", 2, SEGMENTATION, "stage_before"))
+    init = run_cli(_fit_args("phantom/supervised", 2, SEGMENTATION, "stage_before"))
     before = _last_ckpt(in_tmp_cwd, "stage_before")
     assert init.trainer.global_step == 2
     extra = [*SEGMENTATION, f"--model.init_args.init_weights_from={before}"]
-    full, resumed = _interrupted_then_resumed(in_tmp_cwd, "phantom/action_stage3.yaml", 7, 4, extra, signal.SIGINT)
+    full, resumed = _interrupted_then_resumed(in_tmp_cwd, "phantom/action_stage3", 7, 4, extra, signal.SIGINT)
     assert_same_weights(full.model.state_dict(), resumed.model.state_dict())
 
 
 def test_instance_mmt_psm_resume_is_exact(in_tmp_cwd: Path) -> None:
     extra = [*TINY_CYTOLOGY_PHANTOM, *TINY_DETECTOR, "--data.init_args.unlabeled_batch_size=2"]
-    full, resumed = _interrupted_then_resumed(in_tmp_cwd, "cytology_phantom/mmt_psm.yaml", 4, 2, extra)
+    full, resumed = _interrupted_then_resumed(in_tmp_cwd, "cytology_phantom/mmt_psm", 4, 2, extra)
     expected = full.model.state_dict()
     assert any(n.startswith("ema_teacher.") for n in expected)
     assert_same_weights(expected, resumed.model.state_dict())
@@ -108,7 +109,7 @@ def test_real_sigterm_to_a_cli_process_saves_the_step_and_resumes_exactly(in_tmp
     which holds the step reached (mid-epoch) and resumes to the uninterrupted weights."""
     flag = in_tmp_cwd / "at_step"
     env = _child_env()
-    args = _fit_args("phantom/mean_teacher.yaml", 7, SEGMENTATION, "cut") + [
+    args = _fit_args("phantom/mean_teacher", 7, SEGMENTATION, "cut") + [
         "--trainer.callbacks+=fault_injection.WaitAtStep", "--trainer.callbacks.step=3",
         f"--trainer.callbacks.flag_file={flag}",
     ]
@@ -126,8 +127,8 @@ def test_real_sigterm_to_a_cli_process_saves_the_step_and_resumes_exactly(in_tmp
     assert kdseg_lines == [f"kdseg: SIGTERM at step 3: state saved; resume with --ckpt_path={last.resolve()}"]
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
 
-    full = run_cli(_fit_args("phantom/mean_teacher.yaml", 7, SEGMENTATION, "full"))
-    resumed = run_cli(_fit_args("phantom/mean_teacher.yaml", 7, SEGMENTATION, "resumed") + [f"--ckpt_path={last}"])
+    full = run_cli(_fit_args("phantom/mean_teacher", 7, SEGMENTATION, "full"))
+    resumed = run_cli(_fit_args("phantom/mean_teacher", 7, SEGMENTATION, "resumed") + [f"--ckpt_path={last}"])
     assert_same_weights(full.model.state_dict(), resumed.model.state_dict())
 
 
@@ -135,7 +136,7 @@ def test_sigterm_before_training_exits_143_without_a_checkpoint(in_tmp_cwd: Path
     """A signal during the sanity check stops the fit there (Lightning's handling), but with the
     interrupted exit status, not 0."""
     with pytest.raises(SystemExit) as stopped:
-        run_cli(_fit_args("phantom/mean_teacher.yaml", 4, SEGMENTATION, "early") + [
+        run_cli(_fit_args("phantom/mean_teacher", 4, SEGMENTATION, "early") + [
             "--trainer.callbacks+=fault_injection.SignalAtSanityCheck",
         ])
     assert stopped.value.code == 143
@@ -147,7 +148,7 @@ def test_kill_9_after_a_validation_resumes_exactly_from_its_last_ckpt(in_tmp_cwd
     """The issue's case: ``kill -9`` after the validation of step 4 (last.ckpt written there, at
     the validation's end, mid-epoch), resume from that last.ckpt."""
     env = _child_env()
-    args = _fit_args("phantom/mean_teacher.yaml", 9, SEGMENTATION, "cut") + [
+    args = _fit_args("phantom/mean_teacher", 9, SEGMENTATION, "cut") + [
         "--trainer.callbacks+=fault_injection.KillAtStep", "--trainer.callbacks.step=5",
     ]
     killed = subprocess.run([sys.executable, "-m", "kdseg.cli", *args], cwd=in_tmp_cwd, env=env,
@@ -155,6 +156,6 @@ def test_kill_9_after_a_validation_resumes_exactly_from_its_last_ckpt(in_tmp_cwd
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     last = _last_ckpt(in_tmp_cwd, "cut")
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
-    full = run_cli(_fit_args("phantom/mean_teacher.yaml", 9, SEGMENTATION, "full"))
-    resumed = run_cli(_fit_args("phantom/mean_teacher.yaml", 9, SEGMENTATION, "resumed") + [f"--ckpt_path={last}"])
+    full = run_cli(_fit_args("phantom/mean_teacher", 9, SEGMENTATION, "full"))
+    resumed = run_cli(_fit_args("phantom/mean_teacher", 9, SEGMENTATION, "resumed") + [f"--ckpt_path={last}"])
     assert_same_weights(full.model.state_dict(), resumed.model.state_dict())
