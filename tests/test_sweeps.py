@@ -15,6 +15,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -216,11 +217,23 @@ def run_agent_command(path: Path, acdc_root: Path, tmp_path: Path, real_run: boo
     return result, values
 
 
+def _flushed_record(path: Path, expected: bytes, patience_s: float = 60.0) -> bytes:
+    """The offline run file once it holds ``expected``: W&B's service process writes it
+    asynchronously and may still be flushing after the training process has exited (seen on a
+    loaded 2-core machine: only the file header was there)."""
+    deadline = time.monotonic() + patience_s
+    record = path.read_bytes()
+    while expected not in record and time.monotonic() < deadline:
+        time.sleep(0.5)
+        record = path.read_bytes()
+    return record
+
+
 def check_offline_wandb_run(tmp_path: Path, metric: str, values: dict[str, Any]) -> None:
     """The offline W&B run holds the sweep's metric, and the run folder's config the sampled values."""
     runs = list((tmp_path / "wandb").glob("offline-run-*-sweeprun"))
     assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
-    record = (runs[0] / "run-sweeprun.wandb").read_bytes()
+    record = _flushed_record(runs[0] / "run-sweeprun.wandb", metric.encode())
     assert metric.encode() in record
     assert all(key.encode() in record for key in values)  # the suggestion is the run's W&B config
     saved = yaml.safe_load((tmp_path / "kdseg" / "sweeprun" / "config.yaml").read_text())

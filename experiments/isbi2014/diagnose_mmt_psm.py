@@ -71,9 +71,9 @@ def validation_scores(model: Any, datamodule: Any) -> dict[str, float]:
     model.on_validation_epoch_start()
     with torch.no_grad():
         for batch in datamodule.val_dataloader():
-            model._evaluate_batch(batch)
-    summary = model._accumulate().compute()
-    return {"aji_mean": float(summary["aji_mean"]), "map_mean": float(summary["map_mean"])}
+            model.evaluate_batch(batch, "val")
+    metrics, _ = model.summarise(model.evaluator.gathered(), "val")
+    return {"aji_mean": metrics["aji_mean"], "map_mean": metrics["map_mean"]}
 
 
 def probe_batchnorm(model: Any, datamodule: Any, batches: int) -> dict[str, dict[str, float]]:
@@ -95,7 +95,7 @@ def probe_batchnorm(model: Any, datamodule: Any, batches: int) -> dict[str, dict
                 else:
                     images = list(batch["unlabeled"])
                     if view == "unlabeled_perturbed":
-                        images = model.perturb(images)
+                        images = [model.perturb(image) for image in images]
                 image_list, _ = preprocess(model.student, images)
                 model.student.backbone(image_list.tensors)
         results[f"after_{view}"] = validation_scores(model, datamodule)
