@@ -144,10 +144,11 @@ def test_teacher_gets_no_gradient(cls, kwargs) -> None:
 
 
 # -- stage 3 pieces --------------------------------------------------------------------------------
-def test_representation_head_equals_conv_of_concatenated_upsampled_features() -> None:
+@pytest.mark.parametrize("channels", [(12, 6, 3), (12, 3, 2)])  # (12, 3, 2): a level thinner than dim
+def test_representation_head_equals_conv_of_concatenated_upsampled_features(channels: tuple[int, ...]) -> None:
     torch.manual_seed(0)
-    head = RepresentationHead([12, 6, 3], dim=5)
-    features = [torch.randn(2, 12, 4, 5), torch.randn(2, 6, 8, 10), torch.randn(2, 3, 16, 20)]
+    head = RepresentationHead(list(channels), dim=5)
+    features = [torch.randn(2, c, 4 * 2**i, 5 * 2**i) for i, c in enumerate(channels)]
     upsampled = [F.interpolate(f, size=(16, 20), mode="bilinear", align_corners=False) for f in features]
     weight = torch.cat([p.weight for p in head.level_projections], dim=1)
     expected = F.conv2d(torch.cat(upsampled, dim=1), weight)
