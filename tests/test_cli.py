@@ -157,3 +157,21 @@ def test_wandb_logger_snippet_offline(in_tmp_cwd: Path, monkeypatch: pytest.Monk
     assert (run_dirs[0] / "config.yaml").is_file()
     assert list((run_dirs[0] / "checkpoints").glob("*.ckpt"))
     assert list((in_tmp_cwd / "runs" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("run", ["phantom/mean_teacher", "phantom/action_stage3", "phantom/scribsd_plus"])
+def test_channels_last_fit_keeps_weights_channels_last_and_values(run: str, in_tmp_cwd: Path) -> None:
+    """``channels_last: true`` converts every network (student, teacher, heads) before training;
+    a step gives the loss of the default memory order to float rounding."""
+    args = ["fit", *stack(run), "--trainer.fast_dev_run=true", "--seed_everything=0", *PHANTOM_TINY_DATA, *TINY_NETWORK]
+    cli = run_cli([*args, "--model.init_args.channels_last=true"])
+    assert cli.trainer.state.finished
+    weights = [p for p in cli.model.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert not all(p.is_contiguous() for p in weights)
+
+    default = run_cli([*args, "--model.init_args.channels_last=false"])
+    losses = {name: [float(cli.trainer.callback_metrics[k]) for k in sorted(cli.trainer.callback_metrics) if k.startswith("train/")]
+              for name, cli in (("cl", cli), ("default", default))}
+    assert losses["cl"], "no training loss logged"
+    torch.testing.assert_close(torch.tensor(losses["cl"]), torch.tensor(losses["default"]), rtol=1e-4, atol=1e-5)
