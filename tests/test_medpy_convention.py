@@ -163,7 +163,7 @@ def test_method_evaluation_uses_the_convention(monkeypatch, convention):
 def _fake_run(setting, method, seed, test_metrics):
     from types import SimpleNamespace
 
-    from kdseg.reproduce.spec import flatten_test_metrics
+    from kdseg.evaluation.metric_ids import flatten_test_metrics
 
     plan = SimpleNamespace(setting=setting, method=method, seed=seed, iterations=[10], stages=[object()], error=None)
     return SimpleNamespace(plan=plan, has_metrics=True, status="finished", test_metrics=test_metrics,

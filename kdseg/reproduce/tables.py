@@ -17,13 +17,26 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from kdseg.data.datamodule import ACDC_CLASS_NAMES
+from kdseg.data.instances import CLASS_NAMES as CELL_CLASS_NAMES
+from kdseg.evaluation.metric_ids import KNOWN_METRICS
 from kdseg.metrics.paired import PairedDifference
 from kdseg.reproduce.baseline import caption_text, compare_to_baseline
 from kdseg.reproduce.execute import RunResult
-from kdseg.reproduce.spec import (COLUMNS, KNOWN_METRICS, Matrix, PaperNumbers, Profile, ReportedRow, Setting,
-                                  distance_unit)
+from kdseg.reproduce.spec import Matrix, PaperNumbers, Profile, ReportedRow, Setting
 
 DASH = "–"
+ACDC_NAMES, CELL_NAMES = list(ACDC_CLASS_NAMES.values()), list(CELL_CLASS_NAMES.values())
+#: (metric id, header, is a distance) of each task's columns. Per-class ASD beside per-class Dice: a
+#: method can gain Dice on the large LV while its RV boundaries stray far; per-class HD95 stays in table.csv.
+COLUMNS: dict[str, tuple[tuple[str, str, bool], ...]] = {
+    "semantic": (*((f"dice_{n}", f"Dice {n}", False) for n in ACDC_NAMES), ("dice_mean", "Dice mean", False),
+                 ("hd95_mean", "HD95 mean", True), *((f"asd_{n}", f"ASD {n}", True) for n in ACDC_NAMES),
+                 ("asd_mean", "ASD mean", True)),
+    "instance": (("aji_mean", "AJI", False), ("map_mean", "mAP", False), ("ap50_mean", "AP50", False),
+                 ("f1_mean", "F1@0.5", False), *((f"dice_{n}", f"Dice {n}", False) for n in CELL_NAMES),
+                 ("dice_mean", "Dice mean", False)),
+}
 
 
 @dataclass
@@ -120,17 +133,21 @@ def _fmt(stat: Stat | None, distance: bool) -> str:
     return text
 
 
+def _recorded(results: list[RunResult], setting: Setting, key: str, default: str) -> str | None:
+    """The values of ``key`` in the finished runs' ``test_metrics.json`` of a semantic setting (the
+    distances' ``distance_unit``; ``distance_convention``, ``monai`` for runs from before it was recorded)."""
+    if setting.task != "semantic":
+        return None
+    found = {str(r.test_metrics.get(key, default)) for r in _of(results, setting) if r.has_metrics}
+    return ", ".join(sorted(found)) or None
+
+
 def _unit(results: list[RunResult], setting: Setting) -> str | None:
-    units = {distance_unit(setting.task, r.test_metrics) for r in _of(results, setting) if r.has_metrics}
-    return ", ".join(sorted(u for u in units if u)) or None
+    return _recorded(results, setting, "distance_unit", "pixel")
 
 
 def _convention(results: list[RunResult], setting: Setting) -> str | None:
-    """The HD95 / ASD convention of a semantic setting (``monai`` for runs from before it was recorded)."""
-    if setting.task != "semantic":
-        return None
-    found = {str(r.test_metrics.get("distance_convention", "monai")) for r in _of(results, setting) if r.has_metrics}
-    return ", ".join(sorted(found)) or None
+    return _recorded(results, setting, "distance_convention", "monai")
 
 
 _CONVENTION_TEXT = {
@@ -230,14 +247,13 @@ def _size_text(size: str) -> str:
 def _columns(setting: Setting, unit: str | None, convention: str | None = None) -> list[tuple[str, str, bool]]:
     """(metric, header, is a distance) per column; distance headers name convention and unit."""
     tag = ", ".join(v for v in (convention, unit) if v)
-    return [(c.metric, f"{c.header} ({tag})" if c.distance and tag else c.header, c.distance)
-            for c in COLUMNS[setting.task]]
+    return [(metric, f"{header} ({tag})" if distance and tag else header, distance)
+            for metric, header, distance in COLUMNS[setting.task]]
 
 
 def _class_names(setting: Setting) -> list[str]:
     """Semantic settings' class names in column order (for the miss counts)."""
-    return [c.metric[5:] for c in COLUMNS["semantic"] if c.metric.startswith("dice_") and c.metric != "dice_mean"
-            ] if setting.task == "semantic" else []
+    return ACDC_NAMES if setting.task == "semantic" else []
 
 
 def _grid(setting: Setting, results: list[RunResult], papers: PaperNumbers | None
@@ -328,7 +344,7 @@ def latex(matrix: Matrix, profile: Profile, results: list[RunResult], papers: Pa
 def csv_rows(matrix: Matrix, results: list[RunResult], papers: PaperNumbers | None) -> tuple[list[str], list[dict[str, Any]]]:
     """Header and rows of ``table.csv``."""
     settings = matrix.settings.values()
-    metrics = list(dict.fromkeys([*(c.metric for s in settings for c in COLUMNS[s.task]),
+    metrics = list(dict.fromkeys([*(c[0] for s in settings for c in COLUMNS[s.task]),
                                   *(m for s in settings for m in sorted(KNOWN_METRICS[s.task]))]))
     names = list(dict.fromkeys(n for s in settings for n in _class_names(s)))
     header = ["setting", "method", "label", "kind", "status", "seeds_finished", "seeds_failed", "seeds_planned",
