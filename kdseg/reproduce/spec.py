@@ -1,39 +1,11 @@
-"""The matrix, a budget profile laid over it, and the papers' numbers: read with OmegaConf
-(``${vars.steps}``, ``--set`` as a dotlist), checked against structured-config schemas (unknown
-keys, missing keys, wrong types) and a few rules before any run starts; each problem is one
-:class:`SpecError` naming file and key (a typo found after an hour of training costs the hour).
-
-Matrix (``experiments/reproduce/matrix.yaml``)::
-
-    seeds: [0, 1, 2]
-    settings:
-      <setting>:
-        title: ...  task: semantic | instance  data: acdc | isbi2014  label_budget: ...
-        overrides: [--key=value, ...]          # every run of the setting
-        methods:
-          <method>:
-            label: ...                         # the table row
-            overrides: [...]                   # every stage of the method
-            stages:                            # in order; each starts from the previous one's checkpoint
-              - stack: acdc/pce                    # a run of experiments/stacks.yaml, or
-                config: [file, ...]                # config files (one or a stack)
-                overrides: [...]
-                hand_on: best | last           # the checkpoint handed to the next stage (default best)
-                name: ...                      # run-folder prefix (default: the first config's stem)
-
-Profile (``experiments/reproduce/profiles/<name>.yaml``), laid over the matrix::
-
-    description: ...   device: ...   seeds: [0, 1]
-    vars: {steps: 1000}                        # the budget; ${vars.steps} anywhere in the profile
-    data: {acdc: {...}, isbi2014: {...}}       # kdseg.reproduce.data
-    overrides: [...]                           # every run, after the matrix's
-    settings: {<setting>: {configs: [...], overrides: [...], seeds: [...]}}
-    per_config: {<config file>: [...]}         # every stage whose stack holds this file
-    slurm: {partition: gpu, timeout_min: 720, gpus_per_node: 1, cpus_per_task: 8}   # --launcher slurm
-
-Papers' numbers (``experiments/reproduce/paper_numbers.yaml``): ``sources`` (citation, short,
-read_at, note), ``reported.<setting>`` rows (method, label, source, where, metrics, note) and
-``not_recorded`` (source, setting, what, why). Paths are relative to the working directory.
+"""The matrix (``experiments/reproduce/matrix.yaml``: settings x methods x seeds), a budget profile
+laid over it (``experiments/reproduce/profiles/<name>.yaml``) and the papers' numbers
+(``experiments/reproduce/paper_numbers.yaml``). Each file's keys are the fields of its classes below
+(those marked DERIVED excepted). The files are read with OmegaConf (``${vars.steps}``, ``--set`` as a
+dotlist), checked against those classes as structured configs (unknown keys, missing keys, wrong
+types) and a few rules before any run starts; each problem is one :class:`SpecError` naming file
+and key (a typo found after an hour of training costs the hour). Paths are relative to the working
+directory.
 """
 
 from __future__ import annotations
@@ -64,13 +36,13 @@ DERIVED = {"derived": True}
 
 @dataclass
 class Stage:
-    """One ``kdseg fit``: ``configs`` are the files of ``stack`` or ``config``."""
+    """One ``kdseg fit``, started from the previous stage's checkpoint."""
 
-    stack: Optional[str] = None
-    config: Any = None
-    overrides: List[Any] = field(default_factory=list)
-    hand_on: str = "best"
-    name: Optional[str] = None
+    stack: Optional[str] = None  # a run of experiments/stacks.yaml (acdc/pce), or
+    config: Any = None  # config files (one or a stack)
+    overrides: List[Any] = field(default_factory=list)  # [--key=value, ...]
+    hand_on: str = "best"  # the checkpoint handed to the next stage: best | last
+    name: Optional[str] = None  # run-folder prefix (default: the stack's run name or the first config's stem)
     configs: Any = field(default=(), metadata=DERIVED)
 
 
@@ -78,9 +50,9 @@ class Stage:
 class Method:
     """A table row: stages run in order."""
 
-    stages: List[Any] = MISSING
-    label: Optional[str] = None
-    overrides: List[Any] = field(default_factory=list)
+    stages: List[Any] = MISSING  # in order
+    label: Optional[str] = None  # the table row (default: the method's key)
+    overrides: List[Any] = field(default_factory=list)  # every stage of the method
     name: str = field(default="", metadata=DERIVED)
 
 
@@ -88,12 +60,12 @@ class Method:
 class Setting:
     """One table."""
 
-    task: str = MISSING
-    data: str = MISSING
+    task: str = MISSING  # semantic | instance
+    data: str = MISSING  # acdc | isbi2014
     methods: Dict[str, Any] = MISSING
     title: Optional[str] = None
     label_budget: str = ""
-    overrides: List[Any] = field(default_factory=list)
+    overrides: List[Any] = field(default_factory=list)  # every run of the setting
     name: str = field(default="", metadata=DERIVED)
 
 
@@ -106,22 +78,22 @@ class Matrix:
 
 @dataclass
 class ProfileSetting:
-    configs: Any = ()
+    configs: Any = ()  # config files after each stage's
     overrides: List[Any] = field(default_factory=list)
-    seeds: Optional[List[int]] = None
+    seeds: Optional[List[int]] = None  # instead of the profile's
 
 
 @dataclass
 class Profile:
     description: str = MISSING
     device: str = MISSING
-    data: Dict[str, Dict[str, Any]] = MISSING
-    seeds: Optional[List[int]] = None
-    vars: Dict[str, Any] = field(default_factory=dict)
-    overrides: List[Any] = field(default_factory=list)
-    settings: Dict[str, Any] = field(default_factory=dict)
-    per_config: Dict[str, Any] = field(default_factory=dict)
-    slurm: Dict[str, Any] = field(default_factory=dict)
+    data: Dict[str, Dict[str, Any]] = MISSING  # {acdc: {...}, isbi2014: {...}}: kdseg.reproduce.data
+    seeds: Optional[List[int]] = None  # instead of the matrix's
+    vars: Dict[str, Any] = field(default_factory=dict)  # the budget: ${vars.steps} anywhere in the profile
+    overrides: List[Any] = field(default_factory=list)  # every run, after the matrix's
+    settings: Dict[str, Any] = field(default_factory=dict)  # {setting: ProfileSetting}
+    per_config: Dict[str, Any] = field(default_factory=dict)  # {config file: overrides of every stage using it}
+    slurm: Dict[str, Any] = field(default_factory=dict)  # submitit parameters of --launcher slurm
     name: str = field(default="", metadata=DERIVED)
     path: Any = field(default=None, metadata=DERIVED)
 

@@ -127,10 +127,7 @@ def _fmt(stat: Stat | None, distance: bool) -> str:
     if stat is None:
         return DASH
     digits = 2 if distance else 3
-    text = f"{stat.mean:.{digits}f}"
-    if stat.std is not None:
-        text += f" ± {stat.std:.{digits}f}"
-    return text
+    return f"{stat.mean:.{digits}f}" + ("" if stat.std is None else f" ± {stat.std:.{digits}f}")
 
 
 def _recorded(results: list[RunResult], setting: Setting, key: str, default: str) -> str | None:
@@ -142,12 +139,10 @@ def _recorded(results: list[RunResult], setting: Setting, key: str, default: str
     return ", ".join(sorted(found)) or None
 
 
-def _unit(results: list[RunResult], setting: Setting) -> str | None:
-    return _recorded(results, setting, "distance_unit", "pixel")
-
-
-def _convention(results: list[RunResult], setting: Setting) -> str | None:
-    return _recorded(results, setting, "distance_convention", "monai")
+def _distance_tags(results: list[RunResult], setting: Setting) -> tuple[str | None, str | None]:
+    """The distances' unit and convention."""
+    return (_recorded(results, setting, "distance_unit", "pixel"),
+            _recorded(results, setting, "distance_convention", "monai"))
 
 
 _CONVENTION_TEXT = {
@@ -200,13 +195,15 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
             "'iters' column."
         )
     else:
+        unlabeled = lambda s: (s.get("data.init_args.unlabeled_batch_size") or 0) > 0  # noqa: E731
         parts.append(
             f"Split by CervicalCellDataModule (split_seed {values('data.init_args.split_seed')}): "
             f"validation images (checkpoint selection): {values('data.init_args.num_val_images')}, "
-            f"test images: {values('data.init_args.num_test_images')}, labeled: {values('data.init_args.num_labeled')}, "
+            f"test images: {values('data.init_args.num_test_images')}, "
+            f"labeled: {values('data.init_args.num_labeled')}, "
             f"the rest of the annotated images unlabeled; methods training on unlabeled images: "
-            f"{methods_where(lambda s: (s.get('data.init_args.unlabeled_batch_size') or 0) > 0)} (with the extra "
-            f"EDF images: {methods_where(lambda s: (s.get('data.init_args.unlabeled_batch_size') or 0) > 0 and s.get('data.init_args.use_edf'))}). "
+            f"{methods_where(unlabeled)} (with the extra "
+            f"EDF images: {methods_where(lambda s: unlabeled(s) and s.get('data.init_args.use_edf'))}). "
             f"Training: {_size_text(values('data.init_args.image_size', 'original'))}, Mask R-CNN "
             f"backbone {values('model.init_args.detector.backbone')}, batch {values('data.init_args.batch_size')}; "
             "iterations in the 'iters' column. Metrics scored "
@@ -222,12 +219,14 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
         parts.append(caption_text(paired))
     parts.append("Values: mean ± sample std (ddof=1) over the finished seeds (number in 'seeds').")
     if setting.task == "semantic":
-        parts.append(_distance_text(_convention(results, setting), _unit(results, setting)))
+        unit, convention = _distance_tags(results, setting)
+        parts.append(_distance_text(convention, unit))
     if papers is not None and any(r.setting == setting.name for r in papers.rows):
         parts.append("Rows 'reported in' are the papers' own numbers (their budgets, networks and test splits; see "
                      f"{papers.path.name}): a reference, not a like-for-like comparison.")
     elif papers is not None:
-        parts.append(f"Papers' numbers: none recorded for this setting in {papers.path.name} (see its not_recorded list).")
+        parts.append(f"Papers' numbers: none recorded for this setting in {papers.path.name} "
+                     "(see its not_recorded list).")
     return " ".join(parts)
 
 
@@ -260,7 +259,7 @@ def _grid(setting: Setting, results: list[RunResult], papers: PaperNumbers | Non
           ) -> tuple[list[str], list[tuple[Row, list[str] | str]]]:
     """The headers of a setting's table and, per row, its cells (or the status of a row with no
     finished seed), shared by the markdown and LaTeX writers."""
-    cols = _columns(setting, _unit(results, setting), _convention(results, setting))
+    cols = _columns(setting, *_distance_tags(results, setting))
     names = _class_names(setting)
     paired = compare_to_baseline(setting, results)
     headers = ([h for _, h, _ in cols] + (["missed / spurious: " + ", ".join(names)] if names else [])
@@ -296,7 +295,8 @@ def markdown(matrix: Matrix, profile: Profile, results: list[RunResult], papers:
         lines += ["## Failures", ""]
         for result in failures:
             record = result.failure or {}
-            lines.append(f"- **{result.plan.label}** FAILED: {record.get('message', '?')}; stderr `{record.get('stderr')}`"
+            lines.append(f"- **{result.plan.label}** FAILED: {record.get('message', '?')}; "
+                         f"stderr `{record.get('stderr')}`"
                          + (f", stdout `{record['stdout']}`" if record.get("stdout") else ""))
             tail = str(record.get("stderr_tail") or "").strip()
             if tail:
@@ -341,7 +341,8 @@ def latex(matrix: Matrix, profile: Profile, results: list[RunResult], papers: Pa
     return "\n".join(out)
 
 
-def csv_rows(matrix: Matrix, results: list[RunResult], papers: PaperNumbers | None) -> tuple[list[str], list[dict[str, Any]]]:
+def csv_rows(matrix: Matrix, results: list[RunResult],
+             papers: PaperNumbers | None) -> tuple[list[str], list[dict[str, Any]]]:
     """Header and rows of ``table.csv``."""
     settings = matrix.settings.values()
     metrics = list(dict.fromkeys([*(c[0] for s in settings for c in COLUMNS[s.task]),
@@ -354,8 +355,7 @@ def csv_rows(matrix: Matrix, results: list[RunResult], papers: PaperNumbers | No
               "paired_baseline", "paired_dice_mean_diff", "paired_low", "paired_high", "paired_pairs"]
     out = []
     for setting in matrix.settings.values():
-        unit = _unit(results, setting) or ""
-        convention = _convention(results, setting) or ""
+        unit, convention = (tag or "" for tag in _distance_tags(results, setting))
         paired = compare_to_baseline(setting, results)
         for row in build_rows(setting, results, papers):
             measured = row.kind == "measured"
