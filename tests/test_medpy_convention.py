@@ -163,7 +163,7 @@ def test_method_evaluation_uses_the_convention(monkeypatch, convention):
 def _fake_run(setting, method, seed, test_metrics):
     from types import SimpleNamespace
 
-    from kdseg.reproduce.spec import flatten_test_metrics
+    from kdseg.evaluation.metric_ids import flatten_test_metrics
 
     plan = SimpleNamespace(setting=setting, method=method, seed=seed, iterations=[10], stages=[object()], error=None)
     return SimpleNamespace(plan=plan, has_metrics=True, status="finished", test_metrics=test_metrics,
@@ -191,8 +191,7 @@ def test_table_names_the_convention_and_counts_misses():
     assert row.misses_cell(["RV", "Myo", "LV"]) == "3/0, 0/1, 0/2"
     assert row.stats["hd95_mean"].mean == pytest.approx(5.0)
 
-    headers = [h for _, h, _ in tables._columns(setting, tables._unit(results, setting),
-                                               tables._convention(results, setting))]
+    headers = [h for _, h, _ in tables._columns(setting, *tables._distance_tags(results, setting))]
     assert "HD95 mean (medpy, pixel)" in headers and "ASD RV (medpy, pixel)" in headers
     text = tables._distance_text("medpy", "pixel")
     assert "medpy.metric.binary.hd95 / asd" in text and "no voxel spacing is used, as in the papers' code" in text
@@ -204,4 +203,4 @@ def test_table_names_the_convention_and_counts_misses():
     # Runs tested before the convention was recorded were MONAI's.
     old = [_fake_run(setting, method, 0, {k: v for k, v in _summary([0] * 3, [0] * 3, 1.0).items()
                                           if k != "distance_convention"})]
-    assert tables._convention(old, setting) == "monai"
+    assert tables._distance_tags(old, setting) == ("pixel", "monai")

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdseg.reproduce.spec import HEADLINE, flatten_test_metrics
+from kdseg.evaluation.metric_ids import flatten_test_metrics
 from kdseg.reproduce.plan import INIT_WEIGHTS_ARG, RunPlan, StagePlan
 
 STDERR_TAIL_LINES = 15
 INTERRUPTED_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+#: The metric in each run's progress line and the headline of its figures.
+HEADLINE: dict[str, tuple[str, str]] = {"semantic": ("dice_mean", "Dice"), "instance": ("aji_mean", "AJI")}
 #: Set when the runner is stopped: no new subprocess starts, running ones get SIGTERM.
 STOP = threading.Event()
 _CHILDREN: set[subprocess.Popen] = set()
@@ -144,9 +146,11 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _tail(path: Path) -> str:
-    text = path.read_text(errors="replace").rstrip() if path.is_file() else ""
-    return "\n".join(text.splitlines()[-STDERR_TAIL_LINES:])
+def _call_record(phase: str, folder: Path, rc: int, out: Path, err: Path, **more: Any) -> dict[str, Any]:
+    """The failure record of a subprocess: exit status, logs and the end of its stderr."""
+    text = err.read_text(errors="replace").rstrip() if err.is_file() else ""
+    return {"phase": phase, **more, "folder": str(folder), "returncode": rc, "stdout": str(out), "stderr": str(err),
+            "stderr_tail": "\n".join(text.splitlines()[-STDERR_TAIL_LINES:])}
 
 
 def run_stages(plan: RunPlan, out: Path, threads: int, say: Callable[[str], None] = print,
@@ -156,23 +160,21 @@ def run_stages(plan: RunPlan, out: Path, threads: int, say: Callable[[str], None
     runs_dir, handed_on = out / "runs", None
     try:
         for stage in plan.stages:
-            handed_on = _run_stage(plan, stage, runs_dir / stage.folder_name, handed_on, threads, say,
-                                   f"{prefix} stage {stage.index}/{stage.count} ({stage.name})" if stage.count > 1
-                                   else prefix)
+            tag = f"{prefix} stage {stage.index}/{stage.count} ({stage.name})" if stage.count > 1 else prefix
+            handed_on = _run_stage(plan, stage, runs_dir / stage.folder_name, handed_on, threads, say, tag)
     except StageFailed as failed:
-        seconds, record = time.monotonic() - start, failed.record
-        if STOP.is_set() or record.get("returncode") in INTERRUPTED_EXIT_CODES or record.get("interrupted"):
-            rc = record.get("returncode")
+        seconds, record, rc = time.monotonic() - start, failed.record, failed.record.get("returncode")
+        if STOP.is_set() or rc in INTERRUPTED_EXIT_CODES or record.get("interrupted"):
             why = "the runner was stopped" if STOP.is_set() else (
                 f"fit exited {rc}" if rc in INTERRUPTED_EXIT_CODES else record["message"])
             say(f"{prefix} interrupted after {seconds:.0f}s ({why}); it resumes on the next call")
             return RunResult(plan, "not_run", seconds=seconds)
-        if record.get("folder"):
-            _write_json(Path(record["folder"]) / "last_failure.json", record)
+        folder = Path(record["folder"]) if record.get("folder") else None
+        if folder:
+            _write_json(folder / "last_failure.json", record)
         tail = "".join(f"\n    {line}" for line in str(record.get("stderr_tail", "")).splitlines())
         say(f"{prefix} FAILED after {seconds:.0f}s: {record['message']} (log {record.get('stderr')}){tail}")
-        return RunResult(plan, "failed", seconds=seconds, failure=record,
-                         folder=Path(record["folder"]) if record.get("folder") else None)
+        return RunResult(plan, "failed", seconds=seconds, failure=record, folder=folder)
     result = read_finished(runs_dir, plan)
     assert result is not None, "a run whose stages all passed has test_metrics.json"
     result.status, result.seconds = "finished", time.monotonic() - start
@@ -188,25 +190,23 @@ def _run_stage(plan: RunPlan, stage: StagePlan, folder: Path, handed_on: str | N
         return None
     if not stage.is_last and done_file.is_file():
         say(f"{tag}: skipped (finished), hands on {stage.hand_on} checkpoint")
-        return _handed_on(stage, json.loads(done_file.read_text()), folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "resolved_config.yaml").exists():
-        (folder / "resolved_config.yaml").write_text(stage.resolved_text)
-        _write_json(folder / "run.json", {"setting": plan.setting.name, "method": plan.method.name, "seed": plan.seed,
-                                          "stage": stage.index, "stages": stage.count, "key": stage.key,
-                                          "args": list(stage.args)})
-    done = json.loads(done_file.read_text()) if done_file.is_file() else _fit(stage, folder, handed_on, threads, say, tag)
-    if not stage.is_last:
-        return _handed_on(stage, done, folder)
-    _test(folder, done, threads)
-    return None
-
-
-def _handed_on(stage: StagePlan, done: dict[str, Any], folder: Path) -> str:
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "resolved_config.yaml").exists():
+            (folder / "resolved_config.yaml").write_text(stage.resolved_text)
+            _write_json(folder / "run.json", {
+                "setting": plan.setting.name, "method": plan.method.name, "seed": plan.seed, "stage": stage.index,
+                "stages": stage.count, "key": stage.key, "args": list(stage.args)})
+        if not done_file.is_file():
+            _fit(stage, folder, handed_on, threads, say, tag)
+    done = json.loads(done_file.read_text())
+    if stage.is_last:
+        _test(folder, done, threads)
+        return None
     ckpt = done.get(stage.hand_on)
     if not ckpt or not Path(ckpt).is_file():
-        raise StageFailed({"phase": "checkpoints", "folder": str(folder), "stage": stage.index,
-                           "message": f"stage {stage.index} has no {stage.hand_on} checkpoint to hand on ({folder / 'fit'})"})
+        raise StageFailed({"phase": "checkpoints", "folder": str(folder), "stage": stage.index, "message":
+                           f"stage {stage.index} has no {stage.hand_on} checkpoint to hand on ({folder / 'fit'})"})
     return str(ckpt)
 
 
@@ -217,7 +217,8 @@ def _logger_args(folder: Path, name: str) -> list[str]:
 
 
 def _fit(stage: StagePlan, folder: Path, handed_on: str | None, threads: int, say: Callable[[str], None],
-         tag: str) -> dict[str, Any]:
+         tag: str) -> None:
+    """Fits the stage (resuming from its ``last.ckpt``) and writes ``fit.done.json``."""
     args = [*stage.args, *([f"{INIT_WEIGHTS_ARG}={handed_on}"] if handed_on else []), *_logger_args(folder, "fit")]
     resume, start = _last_checkpoint(folder), time.monotonic()
     if resume:
@@ -228,8 +229,7 @@ def _fit(stage: StagePlan, folder: Path, handed_on: str | None, threads: int, sa
             rc, out, err = _call("fit", args, folder, threads)
     else:
         rc, out, err = _call("fit", args, folder, threads)
-    record = {"phase": "fit", "stage": stage.index, "folder": str(folder), "returncode": rc, "stdout": str(out),
-              "stderr": str(err), "stderr_tail": _tail(err)}
+    record = _call_record("fit", folder, rc, out, err, stage=stage.index)
     if rc != 0:
         raise StageFailed({**record, "message": f"stage {stage.index}/{stage.count} fit exited with {rc}"})
     monitor, mode = str(stage.get("checkpoint.monitor", "val/dice_mean")), str(stage.get("checkpoint.mode", "max"))
@@ -242,7 +242,6 @@ def _fit(stage: StagePlan, folder: Path, handed_on: str | None, threads: int, sa
     if stopped:  # resumed from last.ckpt on the next call; never recorded as finished
         raise StageFailed({**record, "interrupted": True, "message": f"stage {stage.index}/{stage.count}: {stopped}"})
     _write_json(folder / "fit.done.json", done)
-    return done
 
 
 def _test(folder: Path, done: dict[str, Any], threads: int) -> None:
@@ -251,9 +250,8 @@ def _test(folder: Path, done: dict[str, Any], threads: int) -> None:
                                   *_logger_args(folder, "test")], folder, threads)
     produced = sorted(folder.glob("test/version_*/test_metrics.json"), key=lambda p: _version(p.parent))
     if rc != 0 or not produced:
-        raise StageFailed({"phase": "test", "folder": str(folder), "returncode": rc, "stdout": str(out),
-                           "stderr": str(err), "stderr_tail": _tail(err),
-                           "message": f"test exited with {rc}" if rc else "test exited 0 but wrote no test_metrics.json"})
+        message = f"test exited with {rc}" if rc else "test exited 0 but wrote no test_metrics.json"
+        raise StageFailed({**_call_record("test", folder, rc, out, err), "message": message})
     if produced[-1].with_name("test_cases.csv").is_file():
         _copy(produced[-1].with_name("test_cases.csv"), folder)
     _write_json(folder / "result.json", {

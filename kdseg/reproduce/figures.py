@@ -173,49 +173,49 @@ def _datamodule(config: Path, **changes: Any) -> Any:
     return cls(**{**(data.get("init_args") or {}), **changes})
 
 
-def _acdc_panels(setting: Setting, methods: list[tuple[str, RunResult]], cache_dir: Path,
-                 warn: Callable[[str], None]) -> tuple[list[str], list[list[Any]]]:
+def _acdc_cases(first: RunResult, setting: Setting, cache_dir: Path) -> tuple[list[Any], list[str]]:
+    """Two test volumes of the first test patient, each at its slice with the most labelled pixels:
+    (fixed panels, prediction file name, reader) per case, and the ``kdseg predict`` arguments."""
     import h5py
 
-    first = methods[0][1]
     assert first.plan.data is not None
-    patient = first.plan.data.splits["test"][0]
     split_file = cache_dir / f"figure_cases_{setting.name}.txt"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    split_file.write_text(f"{patient}\n")
-    config, _ = _run_config(first)
+    split_file.write_text(f"{first.plan.data.splits['test'][0]}\n")
     # The figure's cases as the predict split: a test_split here would change the data module's protocol.
-    dm = _datamodule(config, predict_split=str(split_file))
+    dm = _datamodule(_run_config(first)[0], predict_split=str(split_file))
     dm.setup("predict")
-    cases = dm.predict_volumes[:2]
-    columns = ["image", "ground truth"] + [label for label, _ in methods]
-    rows: list[list[Any]] = []
-    predictions = _predict_all(setting, methods, cache_dir, [f"--data.init_args.predict_split={split_file}"], warn)
-    for volume in cases:
+    cases = []
+    for volume in dm.predict_volumes[:2]:
         label_volume = np.asarray(volume.label)
         z = int(np.argmax((label_volume > 0).reshape(label_volume.shape[0], -1).sum(axis=1)))
         image = np.asarray(volume.image[z], dtype=np.float32)
-        row: list[Any] = [("gray", image, f"{volume.case_id} z={z}"), ("label", image, label_volume[z])]
+
         def read_volume(file: Path, z: int = z, image: np.ndarray = image) -> tuple[Any, ...]:
             with h5py.File(file) as f:
                 return ("label", image, np.asarray(f["prediction"][z]))
 
-        row += [_prediction_panel(predictions[label], f"{volume.case_id}.h5", read_volume) for label, _ in methods]
-        rows.append(row)
-    return columns, rows
+        cases.append(([("gray", image, f"{volume.case_id} z={z}"), ("label", image, label_volume[z])],
+                      f"{volume.case_id}.h5", read_volume))
+    return cases, [f"--data.init_args.predict_split={split_file}"]
 
 
-def _predict_all(setting: Setting, methods: list[tuple[str, RunResult]], cache_dir: Path, extra: list[str],
-                 warn: Callable[[str], None]) -> dict[str, Path | str]:
-    """Each method's prediction folder, or the reason it has none: the figure goes on without it."""
-    predictions: dict[str, Path | str] = {}
-    for label, result in methods:
-        try:
-            predictions[label] = predict_once(result, cache_dir, extra)
-        except Exception as error:
-            predictions[label] = f"prediction failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
-            warn(f"figures: {setting.name} {label}: {predictions[label]}")
-    return predictions
+def _instance_cases(first: RunResult, setting: Setting, cache_dir: Path) -> tuple[list[Any], list[str]]:
+    """The first two test images by id, as :func:`_acdc_cases`."""
+    from kdseg.callbacks.instance_prediction_writer import overlay_instances, safe_name
+
+    dm = _datamodule(_run_config(first)[0])
+    dm.load()
+    cases = []
+    for sample in sorted(dm.test_samples, key=lambda s: s.image_id)[:2]:
+        def read_instances(file: Path, sample: Any = sample) -> tuple[Any, ...]:
+            with np.load(file) as f:
+                return ("rgb", overlay_instances(sample.image, f["masks"], f["labels"]))
+
+        cases.append(([("gray", sample.image, str(sample.image_id)),
+                       ("rgb", overlay_instances(sample.image, sample.masks, sample.labels))],
+                      f"{safe_name(sample.image_id)}.npz", read_instances))
+    return cases, []
 
 
 def _prediction_panel(found: Path | str, filename: str, read: Callable[[Path], tuple[Any, ...]]) -> tuple[Any, ...]:
@@ -226,31 +226,6 @@ def _prediction_panel(found: Path | str, filename: str, read: Callable[[Path], t
     if not file.is_file():
         return ("text", f"no prediction file {file.name}")
     return read(file)
-
-
-def _instance_panels(setting: Setting, methods: list[tuple[str, RunResult]], cache_dir: Path,
-                     warn: Callable[[str], None]) -> tuple[list[str], list[list[Any]]]:
-    from kdseg.callbacks.instance_prediction_writer import overlay_instances, safe_name
-
-    first = methods[0][1]
-    config, _ = _run_config(first)
-    dm = _datamodule(config)
-    dm.load()
-    cases = sorted(dm.test_samples, key=lambda s: s.image_id)[:2]
-    columns = ["image", "ground truth"] + [label for label, _ in methods]
-    predictions = _predict_all(setting, methods, cache_dir, [], warn)
-    rows: list[list[Any]] = []
-    for sample in cases:
-        row: list[Any] = [("gray", sample.image, str(sample.image_id)),
-                          ("rgb", overlay_instances(sample.image, sample.masks, sample.labels))]
-        def read_instances(file: Path, sample: Any = sample) -> tuple[Any, ...]:
-            with np.load(file) as f:
-                return ("rgb", overlay_instances(sample.image, f["masks"], f["labels"]))
-
-        row += [_prediction_panel(predictions[label], f"{safe_name(sample.image_id)}.npz", read_instances)
-                for label, _ in methods]
-        rows.append(row)
-    return columns, rows
 
 
 def _label_rgb(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -265,21 +240,30 @@ def qualitative_figure(path: Path, setting: Setting, results: list[RunResult], c
     import matplotlib.pyplot as plt
 
     methods = _first_per_method(setting, results)
-    panels = _acdc_panels if setting.task == "semantic" else _instance_panels
-    columns, rows = panels(setting, methods, cache_dir, warn)
+    cases, extra = (_acdc_cases if setting.task == "semantic" else _instance_cases)(methods[0][1], setting, cache_dir)
+    predictions: dict[str, Path | str] = {}
+    for label, result in methods:  # a method without predictions gets the reason in its panels
+        try:
+            predictions[label] = predict_once(result, cache_dir, extra)
+        except Exception as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            predictions[label] = f"prediction failed: {reason}"
+            warn(f"figures: {setting.name} {label}: {predictions[label]}")
+    columns = ["image", "ground truth"] + [label for label, _ in methods]
+    rows = [[*fixed, *(_prediction_panel(predictions[label], filename, read) for label, _ in methods)]
+            for fixed, filename, read in cases]
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.4 * len(columns), 2.5 * len(rows)), squeeze=False)
     for i, row in enumerate(rows):
         for j, panel in enumerate(row):
             ax = axes[i][j]
             ax.set_xticks([])
             ax.set_yticks([])
-            kind = panel[0]
-            if kind == "gray":
+            if panel[0] == "gray":
                 ax.imshow(panel[1], cmap="gray", vmin=0, vmax=1)
                 ax.set_ylabel(panel[2], fontsize=7)
-            elif kind == "label":
+            elif panel[0] == "label":
                 ax.imshow(_label_rgb(panel[1], panel[2]))
-            elif kind == "rgb":
+            elif panel[0] == "rgb":
                 ax.imshow(panel[1])
             else:
                 ax.text(0.5, 0.5, panel[1], ha="center", va="center", wrap=True, fontsize=7)

@@ -18,7 +18,8 @@ from kdseg.reproduce.spec import SpecError, load_matrix, load_paper_numbers, loa
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kdseg.reproduce",
-                                description="Run the experiment matrix under a budget profile and write the results table.")
+                                description="Run the experiment matrix under a budget profile and write the "
+                                            "results table.")
     p.add_argument("--profile", default="cpu", help="smoke, cpu, paper, or a profile file (default cpu)")
     p.add_argument("--matrix", default="experiments/reproduce/matrix.yaml", help="the experiment matrix")
     p.add_argument("--papers", default="experiments/reproduce/paper_numbers.yaml",
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm", nargs="+", default=[], metavar="KEY=VALUE",
                    help="submitit AutoExecutor parameters over the profile's slurm block, e.g. "
                         "slurm_partition=gpu timeout_min=1440 gpus_per_node=1 cpus_per_task=8")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (local launcher; Slurm: slurm_array_parallelism)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs in parallel (local launcher; Slurm: slurm_array_parallelism)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per local run (default cores // jobs)")
     p.add_argument("--only", nargs="+", default=[], metavar="SETTING[/METHOD]",
                    help="run only these entries (wildcards allowed); the table still shows every entry")

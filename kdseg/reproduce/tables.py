@@ -17,13 +17,26 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from kdseg.data.datamodule import ACDC_CLASS_NAMES
+from kdseg.data.instances import CLASS_NAMES as CELL_CLASS_NAMES
+from kdseg.evaluation.metric_ids import KNOWN_METRICS
 from kdseg.metrics.paired import PairedDifference
 from kdseg.reproduce.baseline import caption_text, compare_to_baseline
 from kdseg.reproduce.execute import RunResult
-from kdseg.reproduce.spec import (COLUMNS, KNOWN_METRICS, Matrix, PaperNumbers, Profile, ReportedRow, Setting,
-                                  distance_unit)
+from kdseg.reproduce.spec import Matrix, PaperNumbers, Profile, ReportedRow, Setting
 
 DASH = "–"
+ACDC_NAMES, CELL_NAMES = list(ACDC_CLASS_NAMES.values()), list(CELL_CLASS_NAMES.values())
+#: (metric id, header, is a distance) of each task's columns. Per-class ASD beside per-class Dice: a
+#: method can gain Dice on the large LV while its RV boundaries stray far; per-class HD95 stays in table.csv.
+COLUMNS: dict[str, tuple[tuple[str, str, bool], ...]] = {
+    "semantic": (*((f"dice_{n}", f"Dice {n}", False) for n in ACDC_NAMES), ("dice_mean", "Dice mean", False),
+                 ("hd95_mean", "HD95 mean", True), *((f"asd_{n}", f"ASD {n}", True) for n in ACDC_NAMES),
+                 ("asd_mean", "ASD mean", True)),
+    "instance": (("aji_mean", "AJI", False), ("map_mean", "mAP", False), ("ap50_mean", "AP50", False),
+                 ("f1_mean", "F1@0.5", False), *((f"dice_{n}", f"Dice {n}", False) for n in CELL_NAMES),
+                 ("dice_mean", "Dice mean", False)),
+}
 
 
 @dataclass
@@ -114,23 +127,22 @@ def _fmt(stat: Stat | None, distance: bool) -> str:
     if stat is None:
         return DASH
     digits = 2 if distance else 3
-    text = f"{stat.mean:.{digits}f}"
-    if stat.std is not None:
-        text += f" ± {stat.std:.{digits}f}"
-    return text
+    return f"{stat.mean:.{digits}f}" + ("" if stat.std is None else f" ± {stat.std:.{digits}f}")
 
 
-def _unit(results: list[RunResult], setting: Setting) -> str | None:
-    units = {distance_unit(setting.task, r.test_metrics) for r in _of(results, setting) if r.has_metrics}
-    return ", ".join(sorted(u for u in units if u)) or None
-
-
-def _convention(results: list[RunResult], setting: Setting) -> str | None:
-    """The HD95 / ASD convention of a semantic setting (``monai`` for runs from before it was recorded)."""
+def _recorded(results: list[RunResult], setting: Setting, key: str, default: str) -> str | None:
+    """The values of ``key`` in the finished runs' ``test_metrics.json`` of a semantic setting (the
+    distances' ``distance_unit``; ``distance_convention``, ``monai`` for runs from before it was recorded)."""
     if setting.task != "semantic":
         return None
-    found = {str(r.test_metrics.get("distance_convention", "monai")) for r in _of(results, setting) if r.has_metrics}
+    found = {str(r.test_metrics.get(key, default)) for r in _of(results, setting) if r.has_metrics}
     return ", ".join(sorted(found)) or None
+
+
+def _distance_tags(results: list[RunResult], setting: Setting) -> tuple[str | None, str | None]:
+    """The distances' unit and convention."""
+    return (_recorded(results, setting, "distance_unit", "pixel"),
+            _recorded(results, setting, "distance_convention", "monai"))
 
 
 _CONVENTION_TEXT = {
@@ -183,13 +195,15 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
             "'iters' column."
         )
     else:
+        unlabeled = lambda s: (s.get("data.init_args.unlabeled_batch_size") or 0) > 0  # noqa: E731
         parts.append(
             f"Split by CervicalCellDataModule (split_seed {values('data.init_args.split_seed')}): "
             f"validation images (checkpoint selection): {values('data.init_args.num_val_images')}, "
-            f"test images: {values('data.init_args.num_test_images')}, labeled: {values('data.init_args.num_labeled')}, "
+            f"test images: {values('data.init_args.num_test_images')}, "
+            f"labeled: {values('data.init_args.num_labeled')}, "
             f"the rest of the annotated images unlabeled; methods training on unlabeled images: "
-            f"{methods_where(lambda s: (s.get('data.init_args.unlabeled_batch_size') or 0) > 0)} (with the extra "
-            f"EDF images: {methods_where(lambda s: (s.get('data.init_args.unlabeled_batch_size') or 0) > 0 and s.get('data.init_args.use_edf'))}). "
+            f"{methods_where(unlabeled)} (with the extra "
+            f"EDF images: {methods_where(lambda s: unlabeled(s) and s.get('data.init_args.use_edf'))}). "
             f"Training: {_size_text(values('data.init_args.image_size', 'original'))}, Mask R-CNN "
             f"backbone {values('model.init_args.detector.backbone')}, batch {values('data.init_args.batch_size')}; "
             "iterations in the 'iters' column. Metrics scored "
@@ -205,12 +219,14 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
         parts.append(caption_text(paired))
     parts.append("Values: mean ± sample std (ddof=1) over the finished seeds (number in 'seeds').")
     if setting.task == "semantic":
-        parts.append(_distance_text(_convention(results, setting), _unit(results, setting)))
+        unit, convention = _distance_tags(results, setting)
+        parts.append(_distance_text(convention, unit))
     if papers is not None and any(r.setting == setting.name for r in papers.rows):
         parts.append("Rows 'reported in' are the papers' own numbers (their budgets, networks and test splits; see "
                      f"{papers.path.name}): a reference, not a like-for-like comparison.")
     elif papers is not None:
-        parts.append(f"Papers' numbers: none recorded for this setting in {papers.path.name} (see its not_recorded list).")
+        parts.append(f"Papers' numbers: none recorded for this setting in {papers.path.name} "
+                     "(see its not_recorded list).")
     return " ".join(parts)
 
 
@@ -230,21 +246,20 @@ def _size_text(size: str) -> str:
 def _columns(setting: Setting, unit: str | None, convention: str | None = None) -> list[tuple[str, str, bool]]:
     """(metric, header, is a distance) per column; distance headers name convention and unit."""
     tag = ", ".join(v for v in (convention, unit) if v)
-    return [(c.metric, f"{c.header} ({tag})" if c.distance and tag else c.header, c.distance)
-            for c in COLUMNS[setting.task]]
+    return [(metric, f"{header} ({tag})" if distance and tag else header, distance)
+            for metric, header, distance in COLUMNS[setting.task]]
 
 
 def _class_names(setting: Setting) -> list[str]:
     """Semantic settings' class names in column order (for the miss counts)."""
-    return [c.metric[5:] for c in COLUMNS["semantic"] if c.metric.startswith("dice_") and c.metric != "dice_mean"
-            ] if setting.task == "semantic" else []
+    return ACDC_NAMES if setting.task == "semantic" else []
 
 
 def _grid(setting: Setting, results: list[RunResult], papers: PaperNumbers | None
           ) -> tuple[list[str], list[tuple[Row, list[str] | str]]]:
     """The headers of a setting's table and, per row, its cells (or the status of a row with no
     finished seed), shared by the markdown and LaTeX writers."""
-    cols = _columns(setting, _unit(results, setting), _convention(results, setting))
+    cols = _columns(setting, *_distance_tags(results, setting))
     names = _class_names(setting)
     paired = compare_to_baseline(setting, results)
     headers = ([h for _, h, _ in cols] + (["missed / spurious: " + ", ".join(names)] if names else [])
@@ -280,7 +295,8 @@ def markdown(matrix: Matrix, profile: Profile, results: list[RunResult], papers:
         lines += ["## Failures", ""]
         for result in failures:
             record = result.failure or {}
-            lines.append(f"- **{result.plan.label}** FAILED: {record.get('message', '?')}; stderr `{record.get('stderr')}`"
+            lines.append(f"- **{result.plan.label}** FAILED: {record.get('message', '?')}; "
+                         f"stderr `{record.get('stderr')}`"
                          + (f", stdout `{record['stdout']}`" if record.get("stdout") else ""))
             tail = str(record.get("stderr_tail") or "").strip()
             if tail:
@@ -325,10 +341,11 @@ def latex(matrix: Matrix, profile: Profile, results: list[RunResult], papers: Pa
     return "\n".join(out)
 
 
-def csv_rows(matrix: Matrix, results: list[RunResult], papers: PaperNumbers | None) -> tuple[list[str], list[dict[str, Any]]]:
+def csv_rows(matrix: Matrix, results: list[RunResult],
+             papers: PaperNumbers | None) -> tuple[list[str], list[dict[str, Any]]]:
     """Header and rows of ``table.csv``."""
     settings = matrix.settings.values()
-    metrics = list(dict.fromkeys([*(c.metric for s in settings for c in COLUMNS[s.task]),
+    metrics = list(dict.fromkeys([*(c[0] for s in settings for c in COLUMNS[s.task]),
                                   *(m for s in settings for m in sorted(KNOWN_METRICS[s.task]))]))
     names = list(dict.fromkeys(n for s in settings for n in _class_names(s)))
     header = ["setting", "method", "label", "kind", "status", "seeds_finished", "seeds_failed", "seeds_planned",
@@ -338,8 +355,7 @@ def csv_rows(matrix: Matrix, results: list[RunResult], papers: PaperNumbers | No
               "paired_baseline", "paired_dice_mean_diff", "paired_low", "paired_high", "paired_pairs"]
     out = []
     for setting in matrix.settings.values():
-        unit = _unit(results, setting) or ""
-        convention = _convention(results, setting) or ""
+        unit, convention = (tag or "" for tag in _distance_tags(results, setting))
         paired = compare_to_baseline(setting, results)
         for row in build_rows(setting, results, papers):
             measured = row.kind == "measured"
