@@ -8,17 +8,16 @@ mean over finished seeds and all version folders).
 from __future__ import annotations
 
 import contextlib
-import csv
 import importlib
 import io
 import logging
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import yaml
 
+from kdseg.reproduce.curves import mean_curve, read_curve
 from kdseg.reproduce.execute import RunResult, fit_versions
 from kdseg.reproduce.spec import Matrix, Setting
 
@@ -41,35 +40,6 @@ def write_figures(figures_dir: Path, matrix: Matrix, results: list[RunResult], c
         written.append(qualitative_figure(figures_dir / f"qualitative_{setting.name}.png", setting, mine,
                                           cache_dir, warn))
     return written
-
-
-# --------------------------------------------------------------------------- curves
-
-
-def read_curve(folder: Path, metric: str) -> dict[int, float]:
-    """``{step: value}`` of ``metric`` over every ``fit/version_*/metrics.csv`` of a stage folder
-    (a later version's value wins at the same step, as after a resume)."""
-    curve: dict[int, float] = {}
-    for version in fit_versions(folder):
-        path = version / "metrics.csv"
-        if not path.is_file():
-            continue
-        with path.open() as f:
-            for row in csv.DictReader(f):
-                value = row.get(metric)
-                if value not in (None, "") and row.get("step") not in (None, ""):
-                    curve[int(float(row["step"])) + 1] = float(value)  # logged at global_step - 1
-    return curve
-
-
-def mean_curve(curves: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """Steps and the mean over the curves that have each step."""
-    by_step: dict[int, list[float]] = defaultdict(list)
-    for curve in curves:
-        for step, value in curve.items():
-            by_step[step].append(value)
-    steps = sorted(by_step)
-    return np.array(steps, dtype=float), np.array([np.mean(by_step[s]) for s in steps])
 
 
 def curves_figure(path: Path, setting: Setting, results: list[RunResult]) -> Path:

@@ -22,6 +22,7 @@ from kdseg.data.instances import CLASS_NAMES as CELL_CLASS_NAMES
 from kdseg.evaluation.metric_ids import KNOWN_METRICS
 from kdseg.metrics.paired import PairedDifference
 from kdseg.reproduce.baseline import caption_text, compare_to_baseline
+from kdseg.reproduce.curves import flattening_text
 from kdseg.reproduce.execute import RunResult
 from kdseg.reproduce.spec import Matrix, PaperNumbers, Profile, ReportedRow, Setting
 
@@ -217,6 +218,8 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
     paired = compare_to_baseline(setting, results)
     if paired:
         parts.append(caption_text(paired))
+    if flattening := flattening_text(setting, results):
+        parts.append(flattening)
     parts.append("Values: mean ± sample std (ddof=1) over the finished seeds (number in 'seeds').")
     if setting.task == "semantic":
         unit, convention = _distance_tags(results, setting)
