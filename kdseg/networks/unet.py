@@ -20,6 +20,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import Tensor, nn
 
+from kdseg.networks import plain_encoder
+
 
 @dataclass
 class NetworkOutput:
@@ -28,7 +30,8 @@ class NetworkOutput:
     Attributes:
         logits: ``(B, C, H, W)`` class scores at input resolution.
         decoder_features: decoder block outputs, coarsest first, finest (input resolution) last;
-            ``decoder_features[-k]`` is at ``1 / 2**(k-1)`` of the input size.
+            ``decoder_features[-k]`` is at ``1 / 2**(k-1)`` of the input size (``plain_unet``:
+            ``1 / 2**(k-2)`` for k >= 2, its last two blocks both at input size).
         encoder_features: encoder stage outputs, finest first; ``encoder_features[-1]`` is the
             bottleneck.
     """
@@ -43,7 +46,9 @@ class SegmentationNetwork(nn.Module):
 
     Args:
         encoder_name: any smp / timm encoder (``resnet18``, ``tu-resnet10t``,
-            ``tu-mobilenetv3_small_100``, ...).
+            ``tu-mobilenetv3_small_100``, ...), or ``plain_unet``: the classic U-Net encoder of
+            WSL4MIS / SSL4MIS (:mod:`kdseg.networks.plain_encoder`; depth 5, its decoder's last two
+            blocks are both at input resolution).
         encoder_weights: ``None`` (random init, works offline) or a name smp can download, or a
             path to a local ``state_dict`` file for the encoder (nothing is downloaded then).
         in_channels: image channels (1 for MRI).
@@ -68,6 +73,8 @@ class SegmentationNetwork(nn.Module):
                 f"decoder_channels has {len(decoder_channels)} entries but encoder_depth is "
                 f"{encoder_depth}: give one channel count per decoder block"
             )
+        if encoder_name == plain_encoder.NAME:
+            plain_encoder.register()
         local_weights = None
         if encoder_weights is not None and (
             encoder_weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
