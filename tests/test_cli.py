@@ -30,6 +30,9 @@ def tiny_overrides(run: str, acdc_root: Path) -> list[str]:
         # Semi-supervised stacks need unlabeled patients: 2 of the 6 train patients labeled.
         if "experiments/data/acdc_semi.yaml" in STACKS[run]:
             data.append("--data.init_args.labeled_patients=2")
+        if "experiments/budgets/cpu_plain_unet.yaml" in STACKS[run]:  # that encoder has exactly 5 blocks
+            return data + TINY_NETWORK + ["--model.init_args.network.encoder_depth=5",
+                                          "--model.init_args.network.decoder_channels=[32,16,8,8,8]"]
         return data + TINY_NETWORK
     return PHANTOM_TINY_DATA + TINY_NETWORK
 
