@@ -57,7 +57,7 @@ action-chain: $(STAMP)
 	$(PY) -m kdseg.reproduce --profile $(PROFILE) --only acdc_semi_$(LABELED)/action $(REPRODUCE_ARGS)
 
 # The results table of every method in experiments/reproduce/matrix.yaml under a budget profile:
-#   make reproduce-table                 PROFILE=cpu: real data on 2 cores with JOBS=2, 25 runs (times: profiles/cpu.yaml)
+#   make reproduce-table                 PROFILE=cpu: real data on 2 cores with JOBS=2, 39 runs (times: profiles/cpu.yaml)
 #   make reproduce-table PROFILE=smoke   the built-in phantoms, minutes, no data needed
 #   make reproduce-table PROFILE=paper LAUNCHER=slurm   the papers' protocols, one Slurm job (GPU) per run
 #        (submitit; parameters: the profile's slurm block, or SLURM="slurm_partition=gpu timeout_min=1440")
