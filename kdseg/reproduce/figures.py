@@ -95,6 +95,7 @@ def relocated_checkpoint(recorded: Path, folder: Path) -> Path:
 
 @contextlib.contextmanager
 def _quiet() -> Any:
+    """Keeps Lightning's info lines and the CLI's prints of ``kdseg predict`` out of the runner's log."""
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
