@@ -193,7 +193,9 @@ def test_table_names_the_convention_and_counts_misses():
 
     headers = [h for _, h, _ in tables._columns(setting, *tables._distance_tags(results, setting))]
     assert "HD95 mean (medpy, pixel)" in headers and "ASD RV (medpy, pixel)" in headers
-    text = tables._distance_text("medpy", "pixel")
+    from kdseg.evaluation.volume import describe_distances
+
+    text = describe_distances("medpy", "pixel")
     assert "medpy.metric.binary.hd95 / asd" in text and "no voxel spacing is used, as in the papers' code" in text
 
     header, lines = tables.csv_rows(SimpleNamespace(settings={"acdc_scribble": setting}), results, None)

@@ -1,4 +1,4 @@
-"""Writes one predicted mask per volume during ``kdseg predict``."""
+"""Writes one predicted mask per volume during ``kdseg predict``; :func:`overlay_labels` draws one."""
 
 from __future__ import annotations
 
@@ -6,10 +6,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
+import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from kdseg.data.writers import prediction_path, write_prediction
+
+#: RGB in [0, 1] of the ACDC classes: background, RV, Myo, LV.
+ACDC_COLOURS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 120, 255]], dtype=np.float32) / 255.0
+
+
+def overlay_labels(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Float ``(H, W, 3)``: the gray slice ``image`` (values in [0, 1]) with each labelled pixel
+    blended with its class colour (:data:`ACDC_COLOURS`)."""
+    gray = np.clip(image, 0, 1)[..., None].repeat(3, axis=2)
+    colours = ACDC_COLOURS[np.clip(label.astype(int), 0, len(ACDC_COLOURS) - 1)]
+    return np.where((label > 0)[..., None], (1 - alpha) * gray + alpha * colours, gray)
 
 
 class VolumePredictionWriter(BasePredictionWriter):

@@ -13,7 +13,7 @@ from torch import Tensor
 from kdseg.evaluation.base import Evaluator
 from kdseg.metrics.segmentation import ClassMetrics, distance_unit, summarize, volume_metrics
 
-__all__ = ["VolumeEvaluator", "format_summary_table"]
+__all__ = ["VolumeEvaluator", "describe_distances", "format_summary_table"]
 
 
 class VolumeEvaluator(Evaluator[dict[str, Any]]):
@@ -88,3 +88,26 @@ def format_summary_table(summary: dict[str, Any]) -> str:
     mean = [f"{summary['mean'][m]:.4f}" for m in ("dice", "hd95", "asd")]
     lines.append(f"{'mean':<8} {mean[0]:>16} {mean[1]:>20} {mean[2]:>20} {summary['missed']:>7}")
     return "\n".join(lines)
+
+
+_CONVENTION_TEXT = {
+    "medpy": ("medpy.metric.binary.hd95 / asd per class on each 3D test volume, the papers' convention "
+              "(SSL4MIS / WSL4MIS code/test_2D_fully.py): HD95 the 95th percentile of both directions' "
+              "surface distances pooled, ASD the mean distance from the predicted surface to the ground truth's"),
+    "monai": ("MONAI's definitions per class on each 3D test volume (not the papers'): HD95 the larger of the two "
+              "directed 95th percentiles, ASD the symmetric mean of both directions pooled"),
+}
+
+
+def describe_distances(convention: str | None, unit: str | None) -> str:
+    """A sentence on the HD95 / ASD of summaries with these ``distance_convention`` / ``distance_unit``
+    (each one value or several joined by ", "): definition, unit, whether the voxel spacing is used."""
+    parts = [_CONVENTION_TEXT.get(c, c) for c in (convention or "").split(", ") if c]
+    text = "HD95 / ASD: " + "; ".join(parts) if parts else "HD95 / ASD"
+    if unit == "pixel":
+        text += ("; in pixels (voxel steps): no voxel spacing is used"
+                 + (", as in the papers' code" if convention == "medpy" else " (the volumes carry none)"))
+    elif unit:
+        text += f"; in {unit} (voxel spacing used)"
+    return text + (". A structure missed in a volume, or predicted where the ground truth has none, enters the "
+                   "means with Dice 0 and HD95 = ASD = the volume's diagonal")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -71,10 +70,6 @@ def flattening_text(setting: Setting, results: list[RunResult]) -> str:
         (flat if max(gains) < FLAT_GAIN else rising).append(f"{method.label} {max(gains):+.3f}")
     if not flat and not rising:
         return ""
-
-    def listed(items: list[Any]) -> str:
-        return "; ".join(items) or "none"
-
     return (f"Validation curves ({', '.join(sorted(metrics))}, last stage; largest gain over the last quarter of "
-            f"the steps among the seeds): flattened (gain below {FLAT_GAIN}) for {listed(flat)}; "
-            f"still rising for {listed(rising)}.")
+            f"the steps among the seeds): flattened (gain below {FLAT_GAIN}) for {'; '.join(flat) or 'none'}; "
+            f"still rising for {'; '.join(rising) or 'none'}.")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,8 +29,6 @@ from kdseg.reproduce.plan import INIT_WEIGHTS_ARG, RunPlan, StagePlan
 STDERR_TAIL_LINES = 15
 INTERRUPTED_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-#: The metric in each run's progress line and the headline of its figures.
-HEADLINE: dict[str, tuple[str, str]] = {"semantic": ("dice_mean", "Dice"), "instance": ("aji_mean", "AJI")}
 #: Set when the runner is stopped: no new subprocess starts, running ones get SIGTERM.
 STOP = threading.Event()
 _CHILDREN: set[subprocess.Popen] = set()
@@ -76,9 +73,10 @@ def read_finished(runs_dir: Path, plan: RunPlan) -> RunResult | None:
 
 def headline(plan: RunPlan, metrics: dict[str, float]) -> str:
     """``Dice 0.812`` or ``AJI 0.512, Dice 0.701`` for progress lines."""
-    key, name = HEADLINE[plan.setting.task]
-    extra = f", Dice {metrics['dice_mean']:.4f}" if key != "dice_mean" and "dice_mean" in metrics else ""
-    return f"{name} {metrics.get(key, float('nan')):.4f}{extra}"
+    dice = f"Dice {metrics.get('dice_mean', float('nan')):.4f}"
+    if plan.setting.task == "semantic":
+        return dice
+    return f"AJI {metrics.get('aji_mean', float('nan')):.4f}" + (f", {dice}" if "dice_mean" in metrics else "")
 
 
 def checkpoint_score(path: Path) -> float | None:
@@ -140,9 +138,10 @@ def _last_checkpoint(folder: Path) -> Path | None:
     return next((p for v in reversed(fit_versions(folder)) if (p := v / "checkpoints" / "last.ckpt").is_file()), None)
 
 
-def _write_json(path: Path, content: dict[str, Any]) -> None:
+def _write(path: Path, content: dict[str, Any] | bytes) -> None:
+    """Writes ``path`` (a dict as JSON) through a temporary name: never half written."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2, default=str))
+    tmp.write_bytes(content if isinstance(content, bytes) else json.dumps(content, indent=2, default=str).encode())
     tmp.replace(path)
 
 
@@ -171,7 +170,7 @@ def run_stages(plan: RunPlan, out: Path, threads: int, say: Callable[[str], None
             return RunResult(plan, "not_run", seconds=seconds)
         folder = Path(record["folder"]) if record.get("folder") else None
         if folder:
-            _write_json(folder / "last_failure.json", record)
+            _write(folder / "last_failure.json", record)
         tail = "".join(f"\n    {line}" for line in str(record.get("stderr_tail", "")).splitlines())
         say(f"{prefix} FAILED after {seconds:.0f}s: {record['message']} (log {record.get('stderr')}){tail}")
         return RunResult(plan, "failed", seconds=seconds, failure=record, folder=folder)
@@ -194,7 +193,7 @@ def _run_stage(plan: RunPlan, stage: StagePlan, folder: Path, handed_on: str | N
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "resolved_config.yaml").exists():
             (folder / "resolved_config.yaml").write_text(stage.resolved_text)
-            _write_json(folder / "run.json", {
+            _write(folder / "run.json", {
                 "setting": plan.setting.name, "method": plan.method.name, "seed": plan.seed, "stage": stage.index,
                 "stages": stage.count, "key": stage.key, "args": list(stage.args)})
         if not done_file.is_file():
@@ -241,7 +240,7 @@ def _fit(stage: StagePlan, folder: Path, handed_on: str | None, threads: int, sa
     stopped = "the runner was stopped" if STOP.is_set() else unfinished_training(done)
     if stopped:  # resumed from last.ckpt on the next call; never recorded as finished
         raise StageFailed({**record, "interrupted": True, "message": f"stage {stage.index}/{stage.count}: {stopped}"})
-    _write_json(folder / "fit.done.json", done)
+    _write(folder / "fit.done.json", done)
 
 
 def _test(folder: Path, done: dict[str, Any], threads: int) -> None:
@@ -252,19 +251,13 @@ def _test(folder: Path, done: dict[str, Any], threads: int) -> None:
     if rc != 0 or not produced:
         message = f"test exited with {rc}" if rc else "test exited 0 but wrote no test_metrics.json"
         raise StageFailed({**_call_record("test", folder, rc, out, err), "message": message})
-    if produced[-1].with_name("test_cases.csv").is_file():
-        _copy(produced[-1].with_name("test_cases.csv"), folder)
-    _write_json(folder / "result.json", {
+    if (cases := produced[-1].with_name("test_cases.csv")).is_file():
+        _write(folder / cases.name, cases.read_bytes())
+    _write(folder / "result.json", {
         "checkpoint": done["best"], "monitor": done["monitor"], "best_score": done["best_score"],
         "fit_seconds": done.get("seconds"), "test_seconds": time.monotonic() - start,
         "test_dir": str(produced[-1].parent), "fit_versions": done.get("versions")})
-    _copy(produced[-1], folder)  # last: marks the run finished
-
-
-def _copy(file: Path, folder: Path) -> None:
-    """Copies ``file`` into ``folder`` through a temporary name: never half written."""
-    shutil.copyfile(file, folder / f"{file.name}.tmp")
-    (folder / f"{file.name}.tmp").replace(folder / file.name)
+    _write(folder / "test_metrics.json", produced[-1].read_bytes())  # last: marks the run finished
 
 
 def _call(subcommand: str, args: list[str], folder: Path, threads: int) -> tuple[int, Path, Path]:

@@ -17,11 +17,10 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
+from kdseg.callbacks.prediction_writer import overlay_labels
 from kdseg.reproduce.curves import mean_curve, read_curve
 from kdseg.reproduce.execute import RunResult, fit_versions
 from kdseg.reproduce.spec import Matrix, Setting
-
-ACDC_COLOURS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 120, 255]], dtype=np.float32) / 255.0
 
 
 def write_figures(figures_dir: Path, matrix: Matrix, results: list[RunResult], cache_dir: Path,
@@ -45,11 +44,8 @@ def write_figures(figures_dir: Path, matrix: Matrix, results: list[RunResult], c
 def curves_figure(path: Path, setting: Setting, results: list[RunResult]) -> Path:
     import matplotlib.pyplot as plt
 
-    monitors = ["val/dice_mean"]
-    for r in results:
-        monitor = r.plan.final.get("checkpoint.monitor")
-        if monitor and monitor not in monitors:
-            monitors.append(str(monitor))
+    found = (r.plan.final.get("checkpoint.monitor") for r in results)
+    monitors = list(dict.fromkeys(["val/dice_mean", *(str(m) for m in found if m)]))
     fig, axes = plt.subplots(1, len(monitors), figsize=(6.0 * len(monitors), 4.0), squeeze=False)
     for ax, metric in zip(axes[0], monitors):
         for method in setting.methods.values():
@@ -57,26 +53,24 @@ def curves_figure(path: Path, setting: Setting, results: list[RunResult]) -> Pat
             curves = [c for c in (read_curve(r.folder, metric) for r in runs if r.folder) if c]
             if not curves:
                 continue
-            steps, means = mean_curve(curves)
-            stages = runs[0].plan.final
-            label = method.label + (f" (stage {stages.index}/{stages.count})" if stages.count > 1 else "")
-            label += f", {len(curves)} seed{'s' if len(curves) > 1 else ''}"
-            ax.plot(steps, means, marker="o", markersize=3, label=label)
-        ax.set_xlabel("training step (last stage)")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{setting.name}: {metric} on the validation set")
+            final = runs[0].plan.final
+            label = method.label + (f" (stage {final.index}/{final.count})" if final.count > 1 else "")
+            ax.plot(*mean_curve(curves), marker="o", markersize=3,
+                    label=f"{label}, {len(curves)} seed{'s' if len(curves) > 1 else ''}")
+        ax.set(xlabel="training step (last stage)", ylabel=metric,
+               title=f"{setting.name}: {metric} on the validation set")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _first_per_method(setting: Setting, results: list[RunResult]) -> list[tuple[str, RunResult]]:
-    """(label, the run of the lowest finished seed) per method."""
-    return [(m.label, min(runs, key=lambda r: r.plan.seed)) for m in setting.methods.values()
-            if (runs := [r for r in results if r.plan.method.name == m.name])]
 
 
 def _run_config(result: RunResult) -> tuple[Path, Path]:
@@ -101,6 +95,7 @@ def relocated_checkpoint(recorded: Path, folder: Path) -> Path:
 
 @contextlib.contextmanager
 def _quiet() -> Any:
+    """Keeps Lightning's info lines and the CLI's prints of ``kdseg predict`` out of the runner's log."""
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -145,7 +140,8 @@ def _datamodule(config: Path, **changes: Any) -> Any:
 
 def _acdc_cases(first: RunResult, setting: Setting, cache_dir: Path) -> tuple[list[Any], list[str]]:
     """Two test volumes of the first test patient, each at its slice with the most labelled pixels:
-    (fixed panels, prediction file name, reader) per case, and the ``kdseg predict`` arguments."""
+    (fixed panels, prediction file name, reader) per case, and the ``kdseg predict`` arguments. A
+    panel is an RGB image, a (gray image, row label) pair, or a text."""
     import h5py
 
     assert first.plan.data is not None
@@ -161,11 +157,11 @@ def _acdc_cases(first: RunResult, setting: Setting, cache_dir: Path) -> tuple[li
         z = int(np.argmax((label_volume > 0).reshape(label_volume.shape[0], -1).sum(axis=1)))
         image = np.asarray(volume.image[z], dtype=np.float32)
 
-        def read_volume(file: Path, z: int = z, image: np.ndarray = image) -> tuple[Any, ...]:
+        def read_volume(file: Path, z: int = z, image: np.ndarray = image) -> np.ndarray:
             with h5py.File(file) as f:
-                return ("label", image, np.asarray(f["prediction"][z]))
+                return overlay_labels(image, np.asarray(f["prediction"][z]))
 
-        cases.append(([("gray", image, f"{volume.case_id} z={z}"), ("label", image, label_volume[z])],
+        cases.append(([(image, f"{volume.case_id} z={z}"), overlay_labels(image, label_volume[z])],
                       f"{volume.case_id}.h5", read_volume))
     return cases, [f"--data.init_args.predict_split={split_file}"]
 
@@ -178,38 +174,30 @@ def _instance_cases(first: RunResult, setting: Setting, cache_dir: Path) -> tupl
     dm.load()
     cases = []
     for sample in sorted(dm.test_samples, key=lambda s: s.image_id)[:2]:
-        def read_instances(file: Path, sample: Any = sample) -> tuple[Any, ...]:
+        def read_instances(file: Path, sample: Any = sample) -> np.ndarray:
             with np.load(file) as f:
-                return ("rgb", overlay_instances(sample.image, f["masks"], f["labels"]))
+                return overlay_instances(sample.image, f["masks"], f["labels"])
 
-        cases.append(([("gray", sample.image, str(sample.image_id)),
-                       ("rgb", overlay_instances(sample.image, sample.masks, sample.labels))],
+        cases.append(([(sample.image, str(sample.image_id)),
+                       overlay_instances(sample.image, sample.masks, sample.labels)],
                       f"{safe_name(sample.image_id)}.npz", read_instances))
     return cases, []
 
 
-def _prediction_panel(found: Path | str, filename: str, read: Callable[[Path], tuple[Any, ...]]) -> tuple[Any, ...]:
-    """One method's panel: ``read`` of its prediction file, or a text panel saying why there is none."""
+def _prediction_panel(found: Path | str, filename: str, read: Callable[[Path], np.ndarray]) -> np.ndarray | str:
+    """One method's panel: ``read`` of its prediction file, or the text saying why there is none."""
     if isinstance(found, str):
-        return ("text", found)
+        return found
     file = Path(found) / filename
-    if not file.is_file():
-        return ("text", f"no prediction file {file.name}")
-    return read(file)
-
-
-def _label_rgb(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    gray = np.clip(image, 0, 1)[..., None].repeat(3, axis=2)
-    colours = ACDC_COLOURS[np.clip(label.astype(int), 0, len(ACDC_COLOURS) - 1)]
-    mask = (label > 0)[..., None]
-    return np.where(mask, (1 - alpha) * gray + alpha * colours, gray)
+    return read(file) if file.is_file() else f"no prediction file {file.name}"
 
 
 def qualitative_figure(path: Path, setting: Setting, results: list[RunResult], cache_dir: Path,
                        warn: Callable[[str], None]) -> Path:
     import matplotlib.pyplot as plt
 
-    methods = _first_per_method(setting, results)
+    methods = [(m.label, min(runs, key=lambda r: r.plan.seed)) for m in setting.methods.values()
+               if (runs := [r for r in results if r.plan.method.name == m.name])]  # lowest finished seed
     cases, extra = (_acdc_cases if setting.task == "semantic" else _instance_cases)(methods[0][1], setting, cache_dir)
     predictions: dict[str, Path | str] = {}
     for label, result in methods:  # a method without predictions gets the reason in its panels
@@ -228,19 +216,14 @@ def qualitative_figure(path: Path, setting: Setting, results: list[RunResult], c
             ax = axes[i][j]
             ax.set_xticks([])
             ax.set_yticks([])
-            if panel[0] == "gray":
-                ax.imshow(panel[1], cmap="gray", vmin=0, vmax=1)
-                ax.set_ylabel(panel[2], fontsize=7)
-            elif panel[0] == "label":
-                ax.imshow(_label_rgb(panel[1], panel[2]))
-            elif panel[0] == "rgb":
-                ax.imshow(panel[1])
+            if isinstance(panel, str):
+                ax.text(0.5, 0.5, panel, ha="center", va="center", wrap=True, fontsize=7)
+            elif isinstance(panel, tuple):
+                ax.imshow(panel[0], cmap="gray", vmin=0, vmax=1)
+                ax.set_ylabel(panel[1], fontsize=7)
             else:
-                ax.text(0.5, 0.5, panel[1], ha="center", va="center", wrap=True, fontsize=7)
+                ax.imshow(panel)
             if i == 0:
                 ax.set_title(columns[j], fontsize=8)
     fig.suptitle(f"{setting.name}: {setting.title} (tested checkpoints, lowest finished seed)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -24,17 +24,9 @@ from kdseg.reproduce.spec import Matrix, Method, Profile, ProfileSetting, Settin
 INIT_WEIGHTS_ARG = "--model.init_args.init_weights_from"
 
 #: Config fields that do not change what a run computes: left out of the key (split files count by content).
-IGNORED_FIELDS: tuple[str, ...] = (
-    "trainer.logger",
-    "trainer.default_root_dir",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "trainer.log_every_n_steps",
-    "checkpoint.dirpath",
-    "checkpoint.verbose",
-    "prediction_writer",
-    "ckpt_path",
-)
+IGNORED_FIELDS = ("trainer.logger", "trainer.default_root_dir", "trainer.enable_progress_bar",
+                  "trainer.enable_model_summary", "trainer.log_every_n_steps", "checkpoint.dirpath",
+                  "checkpoint.verbose", "prediction_writer", "ckpt_path")
 KEY_LENGTH = 12
 
 
@@ -42,31 +34,29 @@ class ConfigError(ValueError):
     """``kdseg`` refused the arguments (unknown key, bad value): the message is its error."""
 
 
-def resolve_config(args: Sequence[str], subcommand: str = "fit") -> str:
-    """``kdseg <subcommand> <args> --print_config``, parsed in this process (a subprocess would spend
-    seconds importing torch); ConfigError with the end of the CLI's error output if it refuses."""
+def resolve_config(args: Sequence[str]) -> str:
+    """``kdseg fit <args> --print_config``, parsed in this process (a subprocess would spend seconds
+    importing torch); ConfigError with the end of the CLI's error output if it refuses."""
     from kdseg.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     code: Any = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main([subcommand, *args, "--print_config"])
+            main(["fit", *args, "--print_config"])
     except SystemExit as exit_info:
         code = exit_info.code
     except Exception as error:  # a config that breaks the parser in another way
         raise ConfigError(f"{type(error).__name__}: {error}") from None
     if code not in (0, None) or not out.getvalue().strip():
         tail = "\n".join(err.getvalue().strip().splitlines()[-8:])
-        raise ConfigError(tail or f"kdseg {subcommand} --print_config exited with {code}")
+        raise ConfigError(tail or f"kdseg fit --print_config exited with {code}")
     return out.getvalue()
 
 
-def normalized_config(resolved: str | dict[str, Any]) -> dict[str, Any]:
+def normalized_config(resolved: str) -> dict[str, Any]:
     """The resolved config without :data:`IGNORED_FIELDS`, split files replaced by their content hash."""
-    config = yaml.safe_load(resolved) if isinstance(resolved, str) else json.loads(json.dumps(resolved))
-    if not isinstance(config, dict):
-        raise ValueError("a resolved config must be a mapping")
+    config = yaml.safe_load(resolved)
     for dotted in IGNORED_FIELDS:
         *parents, last = dotted.split(".")
         node: Any = config
@@ -78,7 +68,7 @@ def normalized_config(resolved: str | dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def config_key(resolved: str | dict[str, Any]) -> str:
+def config_key(resolved: str) -> str:
     """A short hex hash of :func:`normalized_config` (the same config gives the same key)."""
     text = json.dumps(normalized_config(resolved), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
@@ -217,21 +207,18 @@ def plan_runs(matrix: Matrix, profile: Profile, out: Path, selection: set[tuple[
 
 def _resolve(stages: list[StagePlan], cache: dict[tuple[str, ...], tuple[str, str, dict]]) -> None:
     """Fills each stage's resolved config and key (or its error) in order."""
-    previous = None
-    for plan in stages:
-        full = list(plan.args)
+    for previous, plan in zip([None, *stages], stages):
+        full = plan.args
+        if previous is not None and previous.key is None:
+            plan.error = f"stage {previous.index} could not be planned"
+            continue
         if previous is not None:
-            if previous.key is None:
-                plan.error = f"stage {previous.index} could not be planned"
-                previous = plan
-                continue
-            full.append(f"{INIT_WEIGHTS_ARG}=handed-on:{previous.key}:{previous.hand_on}")
-        if tuple(full) not in cache:
+            full += (f"{INIT_WEIGHTS_ARG}=handed-on:{previous.key}:{previous.hand_on}",)
+        if full not in cache:
             try:
                 text = resolve_config(full)
-                cache[tuple(full)] = (text, config_key(text), yaml.safe_load(text))
+                cache[full] = (text, config_key(text), yaml.safe_load(text))
             except ConfigError as error:
                 plan.error = f"kdseg rejected the arguments: {error}"
-        if not plan.error:
-            plan.resolved_text, plan.key, plan.resolved = cache[tuple(full)]
-        previous = plan
+                continue
+        plan.resolved_text, plan.key, plan.resolved = cache[full]

@@ -2,10 +2,9 @@
 laid over it (``experiments/reproduce/profiles/<name>.yaml``) and the papers' numbers
 (``experiments/reproduce/paper_numbers.yaml``). Each file's keys are the fields of its classes below
 (those marked DERIVED excepted). The files are read with OmegaConf (``${vars.steps}``, ``--set`` as a
-dotlist), checked against those classes as structured configs (unknown keys, missing keys, wrong
-types) and a few rules before any run starts; each problem is one :class:`SpecError` naming file
-and key (a typo found after an hour of training costs the hour). Paths are relative to the working
-directory.
+dotlist) and checked against those classes as structured configs (unknown or missing keys, types,
+Literal choices) and a few rules before any run starts; each problem is one :class:`SpecError`
+naming file and key. Paths are relative to the working directory.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -21,16 +20,14 @@ from omegaconf.errors import OmegaConfBaseException
 from kdseg.evaluation.metric_ids import KNOWN_METRICS, TASKS
 
 DATA_KINDS = ("acdc", "isbi2014")
-HAND_ON = ("best", "last")
 
 
 class SpecError(ValueError):
     """A matrix, profile or paper-numbers file is malformed: the message names file and key."""
 
 
-# The files' schemas (OmegaConf structured configs) and what the runner works with: fields marked
-# DERIVED are filled in by the loader, not read from the file. Nested entries are checked one by one:
-# inside a typed list OmegaConf's errors lose the key path.
+# Fields marked DERIVED are filled in by the loader, not read from the file. Nested entries are
+# checked one by one: inside a typed list OmegaConf's errors lose the key path.
 DERIVED = {"derived": True}
 
 
@@ -41,7 +38,7 @@ class Stage:
     stack: Optional[str] = None  # a run of experiments/stacks.yaml (acdc/pce), or
     config: Any = None  # config files (one or a stack)
     overrides: List[Any] = field(default_factory=list)  # [--key=value, ...]
-    hand_on: str = "best"  # the checkpoint handed to the next stage: best | last
+    hand_on: Literal["best", "last"] = "best"  # the checkpoint handed to the next stage
     name: Optional[str] = None  # run-folder prefix (default: the stack's run name or the first config's stem)
     configs: Any = field(default=(), metadata=DERIVED)
 
@@ -50,7 +47,7 @@ class Stage:
 class Method:
     """A table row: stages run in order."""
 
-    stages: List[Any] = MISSING  # in order
+    stages: List[Any] = MISSING
     label: Optional[str] = None  # the table row (default: the method's key)
     overrides: List[Any] = field(default_factory=list)  # every stage of the method
     name: str = field(default="", metadata=DERIVED)
@@ -60,8 +57,8 @@ class Method:
 class Setting:
     """One table."""
 
-    task: str = MISSING  # semantic | instance
-    data: str = MISSING  # acdc | isbi2014
+    task: Literal[TASKS] = MISSING
+    data: Literal[DATA_KINDS] = MISSING
     methods: Dict[str, Any] = MISSING
     title: Optional[str] = None
     label_budget: str = ""
@@ -177,8 +174,8 @@ def _read(path: str | Path, what: str, check: Callable[[Path, dict], Any], dotli
             raise _Invalid(f"not valid YAML ({' '.join(str(error).split())})") from None
         if not isinstance(raw, DictConfig):
             raise _Invalid(f"the {what} must be a mapping at the top level")
-        return check(path, OmegaConf.to_container(OmegaConf.merge(raw, OmegaConf.from_dotlist(list(dotlist))),
-                                                  resolve=True))
+        merged = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(dotlist)))
+        return check(path, OmegaConf.to_container(merged, resolve=True))
     except OmegaConfBaseException as error:  # interpolations
         key = getattr(error, "full_key", None)
         raise SpecError(f"{path}: {key + ': ' if key else ''}{str(error).splitlines()[0]}") from None
@@ -225,12 +222,6 @@ def _text(value: str | None, where: str, default: str | None = None) -> str:
     return value.strip()
 
 
-def _one_of(value: str, allowed: tuple[str, ...], where: str) -> str:
-    if value not in allowed:
-        raise _Invalid(f"{where} must be one of {list(allowed)}, got {value!r}")
-    return value
-
-
 def _stage(raw: Any, where: str) -> Stage:
     from kdseg.cli import stack_layers
 
@@ -247,15 +238,18 @@ def _stage(raw: Any, where: str) -> Stage:
         stage.configs = _files(stage.config, f"{where}.config")
         default_name = stage.configs[0].stem
     stage.overrides, stage.name = _overrides(stage.overrides, f"{where}.overrides"), str(stage.name or default_name)
-    _one_of(stage.hand_on, HAND_ON, f"{where}.hand_on")
     return stage
 
 
 def _matrix(path: Path, content: dict) -> Matrix:
     matrix = _typed(Matrix, content)
+    if not matrix.settings:
+        raise _Invalid("settings is empty")
     for name, raw in matrix.settings.items():
         where = f"settings.{name}"
         setting = matrix.settings[name] = _typed(Setting, raw, where)
+        if not setting.methods:
+            raise _Invalid(f"{where}.methods is empty")
         for mname, mraw in setting.methods.items():
             mwhere = f"{where}.methods.{mname}"
             method = setting.methods[mname] = _typed(Method, mraw, mwhere)
@@ -264,15 +258,9 @@ def _matrix(path: Path, content: dict) -> Matrix:
             method.name, method.label = mname, _text(method.label, f"{mwhere}.label", mname)
             method.stages = tuple(_stage(s, f"{mwhere}.stages[{i}]") for i, s in enumerate(method.stages))
             method.overrides = _overrides(method.overrides, f"{mwhere}.overrides")
-        if not setting.methods:
-            raise _Invalid(f"{where}.methods is empty")
         setting.name, setting.title = name, _text(setting.title, f"{where}.title", name)
-        _one_of(setting.task, TASKS, f"{where}.task")
-        _one_of(setting.data, DATA_KINDS, f"{where}.data")
         setting.label_budget = setting.label_budget.strip()
         setting.overrides = _overrides(setting.overrides, f"{where}.overrides")
-    if not matrix.settings:
-        raise _Invalid("settings is empty")
     matrix.path, matrix.seeds = path, _seeds(matrix.seeds, "seeds")
     return matrix
 
@@ -294,8 +282,8 @@ def load_profile(path: str | Path, matrix: Matrix, extra_vars: dict[str, str] | 
     """Reads a profile, ``extra_vars`` (``--set``) merged into its ``vars``, checked against the matrix."""
     def check(path: Path, content: dict) -> Profile:
         profile = _typed(Profile, content)
-        for kind in profile.data:
-            _one_of(kind, DATA_KINDS, f"data.{kind}: data kind")
+        if unknown := [kind for kind in profile.data if kind not in DATA_KINDS]:
+            raise _Invalid(f"data.{unknown[0]}: unknown data kind (allowed: {', '.join(DATA_KINDS)})")
         for name, raw in profile.settings.items():
             where = f"settings.{name}"
             if name not in matrix.settings:

@@ -20,6 +20,7 @@ import numpy as np
 from kdseg.data.datamodule import ACDC_CLASS_NAMES
 from kdseg.data.instances import CLASS_NAMES as CELL_CLASS_NAMES
 from kdseg.evaluation.metric_ids import KNOWN_METRICS
+from kdseg.evaluation.volume import describe_distances
 from kdseg.metrics.paired import PairedDifference
 from kdseg.reproduce.baseline import caption_text, compare_to_baseline
 from kdseg.reproduce.curves import flattening_text
@@ -131,42 +132,15 @@ def _fmt(stat: Stat | None, distance: bool) -> str:
     return f"{stat.mean:.{digits}f}" + ("" if stat.std is None else f" ± {stat.std:.{digits}f}")
 
 
-def _recorded(results: list[RunResult], setting: Setting, key: str, default: str) -> str | None:
-    """The values of ``key`` in the finished runs' ``test_metrics.json`` of a semantic setting (the
-    distances' ``distance_unit``; ``distance_convention``, ``monai`` for runs from before it was recorded)."""
-    if setting.task != "semantic":
-        return None
-    found = {str(r.test_metrics.get(key, default)) for r in _of(results, setting) if r.has_metrics}
-    return ", ".join(sorted(found)) or None
-
-
 def _distance_tags(results: list[RunResult], setting: Setting) -> tuple[str | None, str | None]:
-    """The distances' unit and convention."""
-    return (_recorded(results, setting, "distance_unit", "pixel"),
-            _recorded(results, setting, "distance_convention", "monai"))
-
-
-_CONVENTION_TEXT = {
-    "medpy": ("medpy.metric.binary.hd95 / asd per class on each 3D test volume, the papers' convention "
-              "(SSL4MIS / WSL4MIS code/test_2D_fully.py): HD95 the 95th percentile of both directions' "
-              "surface distances pooled, ASD the mean distance from the predicted surface to the ground truth's"),
-    "monai": ("MONAI's definitions per class on each 3D test volume (not the papers'): HD95 the larger of the two "
-              "directed 95th percentiles, ASD the symmetric mean of both directions pooled"),
-}
-
-
-def _distance_text(convention: str | None, unit: str | None) -> str:
-    """The caption's sentence on HD95 / ASD: definition, unit, whether the voxel spacing is used."""
-    parts = [_CONVENTION_TEXT.get(c, c) for c in (convention or "").split(", ") if c]
-    text = "HD95 / ASD: " + "; ".join(parts) if parts else "HD95 / ASD"
-    if unit == "pixel":
-        text += ("; in pixels (voxel steps): no voxel spacing is used"
-                 + (", as in the papers' code" if convention == "medpy" else " (the volumes carry none)"))
-    elif unit:
-        text += f"; in {unit} (voxel spacing used)"
-    return text + (". A structure missed in a volume, or predicted where the ground truth has none, enters the "
-                   "means with Dice 0 and HD95 = ASD = the volume's diagonal; 'missed / spurious' counts these "
-                   "cases per class over all test volumes of the finished seeds.")
+    """The distances' units and conventions in the finished runs' ``test_metrics.json`` of a semantic
+    setting (``monai`` for runs from before the convention was recorded)."""
+    if setting.task != "semantic":
+        return None, None
+    finished = [r.test_metrics for r in _of(results, setting) if r.has_metrics]
+    unit, convention = (", ".join(sorted({str(m.get(key, default)) for m in finished})) or None
+                        for key, default in (("distance_unit", "pixel"), ("distance_convention", "monai")))
+    return unit, convention
 
 
 def caption(setting: Setting, results: list[RunResult], profile: Profile, papers: PaperNumbers | None) -> str:
@@ -197,6 +171,7 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
         )
     else:
         unlabeled = lambda s: (s.get("data.init_args.unlabeled_batch_size") or 0) > 0  # noqa: E731
+        size = values("data.init_args.image_size", "original")
         parts.append(
             f"Split by CervicalCellDataModule (split_seed {values('data.init_args.split_seed')}): "
             f"validation images (checkpoint selection): {values('data.init_args.num_val_images')}, "
@@ -205,25 +180,25 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
             f"the rest of the annotated images unlabeled; methods training on unlabeled images: "
             f"{methods_where(unlabeled)} (with the extra "
             f"EDF images: {methods_where(lambda s: unlabeled(s) and s.get('data.init_args.use_edf'))}). "
-            f"Training: {_size_text(values('data.init_args.image_size', 'original'))}, Mask R-CNN "
-            f"backbone {values('model.init_args.detector.backbone')}, batch {values('data.init_args.batch_size')}; "
-            "iterations in the 'iters' column. Metrics scored "
-            + _scored_at_text(values('data.init_args.image_size', 'original'),
-                              values('data.init_args.eval_native_size', 'False')) + "."
+            "Training: " + ("images at their original size" if size == "original"
+                            else f"images resized to {size} px (longer side)")
+            + f", Mask R-CNN backbone {values('model.init_args.detector.backbone')}, batch "
+            f"{values('data.init_args.batch_size')}; iterations in the 'iters' column. Metrics scored "
+            + _scored_at_text(size, values('data.init_args.eval_native_size', 'False')) + "."
         )
     parts.append(
         f"Checkpoint: `kdseg test` of the best checkpoint by {values('checkpoint.monitor')} on the validation set "
         "(over every validation of the last stage); multi-stage methods hand each stage's checkpoint to the next."
     )
-    paired = compare_to_baseline(setting, results)
-    if paired:
+    if paired := compare_to_baseline(setting, results):
         parts.append(caption_text(paired))
     if flattening := flattening_text(setting, results):
         parts.append(flattening)
     parts.append("Values: mean ± sample std (ddof=1) over the finished seeds (number in 'seeds').")
     if setting.task == "semantic":
         unit, convention = _distance_tags(results, setting)
-        parts.append(_distance_text(convention, unit))
+        parts.append(describe_distances(convention, unit) + "; 'missed / spurious' counts these cases per class "
+                     "over all test volumes of the finished seeds.")
     if papers is not None and any(r.setting == setting.name for r in papers.rows):
         parts.append("Rows 'reported in' are the papers' own numbers (their budgets, networks and test splits; see "
                      f"{papers.path.name}): a reference, not a like-for-like comparison.")
@@ -242,10 +217,6 @@ def _scored_at_text(size: str, native: str) -> str:
     return f"at native size in some runs, at {size} px in others ({native})"
 
 
-def _size_text(size: str) -> str:
-    return "images at their original size" if size == "original" else f"images resized to {size} px (longer side)"
-
-
 def _columns(setting: Setting, unit: str | None, convention: str | None = None) -> list[tuple[str, str, bool]]:
     """(metric, header, is a distance) per column; distance headers name convention and unit."""
     tag = ", ".join(v for v in (convention, unit) if v)
@@ -253,27 +224,24 @@ def _columns(setting: Setting, unit: str | None, convention: str | None = None) 
             for metric, header, distance in COLUMNS[setting.task]]
 
 
-def _class_names(setting: Setting) -> list[str]:
-    """Semantic settings' class names in column order (for the miss counts)."""
-    return ACDC_NAMES if setting.task == "semantic" else []
-
-
 def _grid(setting: Setting, results: list[RunResult], papers: PaperNumbers | None
-          ) -> tuple[list[str], list[tuple[Row, list[str] | str]]]:
-    """The headers of a setting's table and, per row, its cells (or the status of a row with no
-    finished seed), shared by the markdown and LaTeX writers."""
+          ) -> tuple[list[str], list[tuple[Row, list[str], list[str] | str]]]:
+    """The metric headers of a setting's table and per row its method / seeds / iters cells and its
+    metric cells (or the status of a row with no finished seed), for the markdown and LaTeX writers."""
     cols = _columns(setting, *_distance_tags(results, setting))
-    names = _class_names(setting)
+    names = ACDC_NAMES if setting.task == "semantic" else []
     paired = compare_to_baseline(setting, results)
     headers = ([h for _, h, _ in cols] + (["missed / spurious: " + ", ".join(names)] if names else [])
                + ([paired.header] if paired else []))
-    out: list[tuple[Row, list[str] | str]] = []
+    out: list[tuple[Row, list[str], list[str] | str]] = []
     for row in build_rows(setting, results, papers):
+        lead = [row.label, row.seeds_cell(), row.iterations if row.kind == "measured" else DASH]
         if row.kind == "measured" and not row.seeds_finished:
-            out.append((row, row.status))
+            out.append((row, lead, row.status))
             continue
         cells = [_fmt(row.stats.get(m), d) for m, _, d in cols] + ([row.misses_cell(names)] if names else [])
-        out.append((row, cells + ([paired.cell(row.method) if row.kind == "measured" else DASH] if paired else [])))
+        cells += [paired.cell(row.method) if row.kind == "measured" else DASH] if paired else []
+        out.append((row, lead, cells))
     return headers, out
 
 
@@ -287,11 +255,10 @@ def markdown(matrix: Matrix, profile: Profile, results: list[RunResult], papers:
         headers, grid = _grid(setting, results, papers)
         lines += [f"## {setting.name}: {setting.title}", "", "| method | seeds | iters | " + " | ".join(headers) + " |",
                   "|" + " --- |" * (3 + len(headers))]
-        for row, cells in grid:
+        for row, lead, cells in grid:
             if isinstance(cells, str):
                 cells = [cells + (" (see failures)" if row.seeds_failed else "")] + [DASH] * (len(headers) - 1)
-            iters = row.iterations if row.kind == "measured" else DASH
-            lines.append(f"| {row.label} | {row.seeds_cell()} | {iters} | " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(lead + cells) + " |")
             failures += row.failures
         lines += ["", caption(setting, results, profile, papers), ""]
     if failures:
@@ -301,8 +268,7 @@ def markdown(matrix: Matrix, profile: Profile, results: list[RunResult], papers:
             lines.append(f"- **{result.plan.label}** FAILED: {record.get('message', '?')}; "
                          f"stderr `{record.get('stderr')}`"
                          + (f", stdout `{record['stdout']}`" if record.get("stdout") else ""))
-            tail = str(record.get("stderr_tail") or "").strip()
-            if tail:
+            if tail := str(record.get("stderr_tail") or "").strip():
                 lines += ["", "  ```", *(f"  {line}" for line in tail.splitlines()), "  ```"]
         lines.append("")
     if papers is not None and papers.not_recorded:
@@ -330,14 +296,15 @@ def latex(matrix: Matrix, profile: Profile, results: list[RunResult], papers: Pa
         out += [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{l" + "c" * (2 + len(headers)) + "}",
                 r"\toprule", " & ".join(["Method", "Seeds", "Iters", *(tex_escape(h) for h in headers)]) + r" \\",
                 r"\midrule"]
-        first_reported = next((row for row, _ in grid if row.kind == "reported"), None)
-        for row, cells in grid:
+        first_reported = next((row for row, _, _ in grid if row.kind == "reported"), None)
+        for row, lead, cells in grid:
             if row is first_reported:
                 out.append(r"\midrule")
-            tex = ([rf"\multicolumn{{{len(headers)}}}{{c}}{{{tex_escape(cells)}}}"] if isinstance(cells, str)
-                   else [tex_escape(c) for c in cells])
-            iters = tex_escape(row.iterations) if row.kind == "measured" else "--"
-            out.append(" & ".join([tex_escape(row.label), tex_escape(row.seeds_cell()), iters, *tex]) + r" \\")
+            if isinstance(cells, str):
+                cells = [rf"\multicolumn{{{len(headers)}}}{{c}}{{{tex_escape(cells)}}}"]
+            else:
+                cells = [tex_escape(c) for c in cells]
+            out.append(" & ".join([*(tex_escape(c) for c in lead), *cells]) + r" \\")
         out += [r"\bottomrule", r"\end{tabular}",
                 rf"\caption{{{tex_escape(setting.title)}. {tex_escape(caption(setting, results, profile, papers))}}}",
                 rf"\label{{tab:reproduce-{setting.name.replace('_', '-')}}}", r"\end{table}", ""]
@@ -350,14 +317,14 @@ def csv_rows(matrix: Matrix, results: list[RunResult],
     settings = matrix.settings.values()
     metrics = list(dict.fromkeys([*(c[0] for s in settings for c in COLUMNS[s.task]),
                                   *(m for s in settings for m in sorted(KNOWN_METRICS[s.task]))]))
-    names = list(dict.fromkeys(n for s in settings for n in _class_names(s)))
+    names = ACDC_NAMES if any(s.task == "semantic" for s in settings) else []
     header = ["setting", "method", "label", "kind", "status", "seeds_finished", "seeds_failed", "seeds_planned",
               "iterations", "distance_unit", "distance_convention", "source", "where",
               *(f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")),
               *(f"{k}_{n}" for n in names for k in ("missed", "spurious")),
               "paired_baseline", "paired_dice_mean_diff", "paired_low", "paired_high", "paired_pairs"]
     out = []
-    for setting in matrix.settings.values():
+    for setting in settings:
         unit, convention = (tag or "" for tag in _distance_tags(results, setting))
         paired = compare_to_baseline(setting, results)
         for row in build_rows(setting, results, papers):
@@ -378,12 +345,11 @@ def csv_rows(matrix: Matrix, results: list[RunResult],
             for name, (missed, spurious) in row.misses.items():
                 if name in names:
                     line[f"missed_{name}"], line[f"spurious_{name}"] = missed, spurious
-            found = paired.differences.get(row.method) if paired and measured else None
             if paired and measured:
                 line["paired_baseline"] = paired.baseline
-            if isinstance(found, PairedDifference):
-                line.update(paired_dice_mean_diff=f"{found.mean:.6g}", paired_low=f"{found.low:.6g}",
-                            paired_high=f"{found.high:.6g}", paired_pairs=found.pairs)
+                if isinstance(found := paired.differences.get(row.method), PairedDifference):
+                    line.update(paired_dice_mean_diff=f"{found.mean:.6g}", paired_low=f"{found.low:.6g}",
+                                paired_high=f"{found.high:.6g}", paired_pairs=found.pairs)
             out.append(line)
     return header, out
 
@@ -415,13 +381,12 @@ def write_tables(results_dir: Path, matrix: Matrix, profile: Profile, results: l
                 "+".join(str(s.key) for s in r.plan.stages), r.folder or "", r.result.get("checkpoint", ""),
                 failure.get("message", ""), failure.get("stderr", ""),
             ])
-    for r in results:  # a results folder without checkpoints
-        if r.has_metrics and r.folder is not None:
-            target = results_dir / "runs" / r.plan.setting.name / r.plan.method.name / f"seed{r.plan.seed}"
-            target.mkdir(parents=True, exist_ok=True)
-            for name in ("test_metrics.json", "test_cases.csv", "result.json"):
-                if (r.folder / name).is_file():
-                    shutil.copyfile(r.folder / name, target / name)
+    for r in (r for r in results if r.has_metrics and r.folder is not None):  # a results folder without checkpoints
+        target = results_dir / "runs" / r.plan.setting.name / r.plan.method.name / f"seed{r.plan.seed}"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("test_metrics.json", "test_cases.csv", "result.json"):
+            if (r.folder / name).is_file():
+                shutil.copyfile(r.folder / name, target / name)
     return paths
 
 
@@ -436,4 +401,3 @@ def _recorded_seconds(r: RunResult) -> str:
             return ""
         total += float(json.loads(done.read_text()).get("seconds", math.nan))
     return "" if math.isnan(total) else f"{total:.0f}"
-
