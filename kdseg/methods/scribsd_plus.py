@@ -24,8 +24,8 @@ Choices (the paper's full text and code were not available; each is an argument)
 - ``w(t)`` is a sigmoid ramp (Laine & Aila): early teacher predictions are noise.
 - ``ds_pce_weight`` (off) adds the pCE of the deep-supervision outputs: ``kd_target: same_scale`` needs it to anchor coarse heads.
 
-How the ACDC configs' ``noise_on: student`` / ``kd_target: same_scale`` were chosen:
-``experiments/results/notes/scribsd_plus_validation_choices.md``; history: ``.../notes/scribsd_plus.md``.
+The ACDC configs keep these two defaults, checked on validation patients at the cpu table's budget
+(``experiments/results/notes/scribsd_plus_validation_choices.md``); history: ``.../notes/scribsd_plus.md``.
 """
 
 from __future__ import annotations
