@@ -1,4 +1,4 @@
-"""kdseg.reproduce.curves: last-quarter gains by hand, and the caption sentence built from run folders."""
+"""kdseg.results.curves: last-quarter gains by hand, and the caption sentence built from run folders."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kdseg.reproduce.curves import flattening_text, last_quarter_gain, read_curve
+from kdseg.results.curves import flattening_text, last_quarter_gain, read_curve
 
 
 def test_last_quarter_gain_by_hand() -> None:

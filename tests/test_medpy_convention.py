@@ -180,7 +180,7 @@ def _summary(missed, spurious, hd95, convention="medpy"):
 def test_table_names_the_convention_and_counts_misses():
     from types import SimpleNamespace
 
-    from kdseg.reproduce import tables
+    from kdseg.results import tables
 
     method = SimpleNamespace(name="pce", label="pCE")
     setting = SimpleNamespace(name="acdc_scribble", title="ACDC", task="semantic", methods={"pce": method})

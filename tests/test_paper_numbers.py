@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO
 
 from kdseg.reproduce.spec import PaperNumbers, load_matrix, load_paper_numbers, load_profile, profile_path
-from kdseg.reproduce.tables import csv_rows, latex, markdown
+from kdseg.results.tables import csv_rows, latex, markdown
 
 MATRIX = REPO / "experiments" / "reproduce" / "matrix.yaml"
 PAPERS = REPO / "experiments" / "reproduce" / "paper_numbers.yaml"

@@ -362,7 +362,7 @@ def test_a_fit_stopped_by_sigterm_is_not_finished(tmp_path: Path) -> None:
 
 
 def test_moved_run_folder_finds_its_checkpoint(tmp_path: Path) -> None:
-    from kdseg.reproduce.figures import relocated_checkpoint
+    from kdseg.results.figures import relocated_checkpoint
 
     folder = tmp_path / "cpu" / "runs" / "mmt_psm-0123456789ab"
     ckpt = folder / "fit" / "version_0" / "checkpoints" / "best.ckpt"
@@ -394,7 +394,7 @@ def _fake_finished_run(setting, method: str, seed: int, folder: Path, dice_by_ca
 
 
 def test_acdc_table_has_the_paired_difference_to_the_label_only_baseline(tmp_path: Path) -> None:
-    from kdseg.reproduce.tables import csv_rows, latex, markdown
+    from kdseg.results.tables import csv_rows, latex, markdown
 
     matrix = load_matrix(MATRIX)
     profile = load_profile(profile_path("smoke", REPO / "experiments/reproduce/profiles"), matrix)

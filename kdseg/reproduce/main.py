@@ -104,12 +104,12 @@ def _run(args: argparse.Namespace, start: float) -> int:
                 say(f"  {'*' if r.selected else ' '} {r.label}: {keys}")
             return 0
         results = launch(runs, out, args.launcher, jobs, threads, args.max_runs, slurm, say)
-        from kdseg.reproduce.tables import write_tables
+        from kdseg.results.tables import write_tables
 
         paths = write_tables(results_dir, matrix, profile, results, papers)
         say(f"reproduce: wrote {paths['md']}, {paths['csv'].name}, {paths['tex'].name}")
         if not args.no_figures:
-            from kdseg.reproduce.figures import write_figures
+            from kdseg.results.figures import write_figures
 
             figures = write_figures(results_dir / "figures", matrix, results, out / "figures",
                                     warn=lambda text: say(f"reproduce: warning: {text}"))

@@ -3,14 +3,14 @@ budget is chosen where the validation curves flatten; validation set only, no te
 
     python experiments/results/isbi2014_cpu_diagnostics/curve_gains.py [metric]   # default val/aji_mean
 
-Gain: :func:`kdseg.reproduce.curves.last_quarter_gain` (as in the table captions).
+Gain: :func:`kdseg.results.curves.last_quarter_gain` (as in the table captions).
 """
 
 import csv
 import sys
 from pathlib import Path
 
-from kdseg.reproduce.curves import last_quarter_gain
+from kdseg.results.curves import last_quarter_gain
 
 FOLDER = Path(__file__).resolve().parent
 

@@ -22,8 +22,8 @@ from kdseg.data.instances import CLASS_NAMES as CELL_CLASS_NAMES
 from kdseg.evaluation.metric_ids import KNOWN_METRICS
 from kdseg.evaluation.volume import describe_distances
 from kdseg.metrics.paired import PairedDifference
-from kdseg.reproduce.baseline import caption_text, compare_to_baseline
-from kdseg.reproduce.curves import flattening_text
+from kdseg.results.baseline import caption_text, compare_to_baseline
+from kdseg.results.curves import flattening_text
 from kdseg.reproduce.execute import RunResult
 from kdseg.reproduce.spec import Matrix, PaperNumbers, Profile, ReportedRow, Setting
 

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 
 from kdseg.callbacks.prediction_writer import overlay_labels
-from kdseg.reproduce.curves import mean_curve, read_curve
+from kdseg.results.curves import mean_curve, read_curve
 from kdseg.reproduce.execute import RunResult, fit_versions
 from kdseg.reproduce.spec import Matrix, Setting
 
