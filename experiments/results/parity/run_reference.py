@@ -194,6 +194,17 @@ def main() -> None:
         if "ACDC" not in str(args.data.resolve()):
             # its patients_to_slices picks the ACDC slice counts (3 patients = 68 slices) by that name
             parser.error(f"{args.data}: the SSL4MIS script needs 'ACDC' in the data path")
+        # SSL4MIS's networks/net_factory.py parses sys.argv and builds a Swin config (yacs, einops)
+        # when imported; for "unet" its net_factory is UNet(in_chns, class_num).cuda(), so a stand-in
+        # module returns the script's own UNet without importing the transformer path.
+        from networks.unet import UNet
+
+        def net_factory(net_type: str = "unet", in_chns: int = 1, class_num: int = 3):
+            if net_type != "unet":
+                raise SystemExit(f"run_reference.py: only --model unet is supported, got {net_type}")
+            return UNet(in_chns=in_chns, class_num=class_num)
+
+        sys.modules["networks.net_factory"] = types.SimpleNamespace(net_factory=net_factory)
     if args.seed is not None:
         argv += ["--seed", str(args.seed)]
 
