@@ -422,17 +422,59 @@ def test_acdc_table_has_the_paired_difference_to_the_label_only_baseline(tmp_pat
     assert action_cell.startswith("+0.100 [")  # (0.2 + 0.0) / 2; the bootstrap of two pairs spans them
     low, high = (float(x) for x in action_cell.split("[")[1].rstrip("] |").split(", "))
     assert 0.0 <= low < 0.1 < high <= 0.2
-    assert "(seed, volume) pairs" in semi_md
+    assert "(seed, case) pairs" in semi_md and "mean Dice (RV, Myo, LV) of each test volume" in semi_md
     scribble_md = md.split("## acdc_scribble", 1)[1].split("## ", 1)[0]
     assert "| Δ mean Dice vs pce [95% CI] |" in scribble_md
     assert "No interval for dmpls: run pair 0: the runs were tested on different cases" in scribble_md
-    assert "Δ mean Dice" not in md.split("## cervical", 1)[1]  # instance settings: no such column
+    assert "| Δ AJI vs supervised [95% CI] |" in md.split("## cervical", 1)[1]  # no run there: "–" cells
     header, lines = csv_rows(matrix, results, None)
     by_method = {(r["setting"], r["method"]): r for r in lines}
     mt = by_method[("acdc_semi_3", "mean_teacher")]
-    assert mt["paired_baseline"] == "supervised" and float(mt["paired_dice_mean_diff"]) == pytest.approx(0.1)
+    assert mt["paired_baseline"] == "supervised" and mt["paired_metric"] == "dice_mean"
+    assert float(mt["paired_diff"]) == pytest.approx(0.1)
     assert mt["paired_pairs"] == 4 and float(mt["paired_low"]) == pytest.approx(0.1)
     assert r"$\Delta$ mean Dice vs supervised [95\% CI]" in latex(matrix, profile, results, None)
+    # The README's summary (kdseg.results.readme), made from these csv rows, shows table.md's cells.
+    from kdseg.results.readme import summary
+
+    assert {r["setting"]: r["task"] for r in lines} == {"acdc_scribble": "semantic", "acdc_semi_3": "semantic",
+                                                         "acdc_semi_7": "semantic", "cervical": "instance"}
+    readme = summary([{k: str(v) for k, v in r.items()} for r in lines]).split("\n\n")
+    assert "| acdc_semi_3 | Mean Teacher | 2 | 0.650 ± 0.000 | – | +0.100 [+0.100, +0.100] |" in readme[0]
+    assert f"| acdc_semi_3 | ACTION | 1 | 0.650 | – | {action_cell.rstrip(' |')} |" in readme[0]
+    assert "| cervical | MMT-PSM | 0 | – | – | – | – |" in readme[1] and "cervical" not in readme[0]
+
+
+def test_instance_table_has_the_paired_aji_difference(tmp_path: Path) -> None:
+    from kdseg.reproduce.execute import RunResult
+    from kdseg.reproduce.plan import RunPlan
+    from kdseg.results.tables import csv_rows, markdown
+
+    matrix = load_matrix(MATRIX)
+    profile = load_profile(profile_path("smoke", REPO / "experiments/reproduce/profiles"), matrix)
+    cervical = matrix.settings["cervical"]
+
+    def run(method: str, seed: int, aji: dict[str, tuple[float, float]]) -> RunResult:
+        """A finished run whose images have these (cytoplasm, nucleus) AJIs."""
+        folder = tmp_path / f"{method}{seed}"
+        folder.mkdir()
+        lines = ["image_id,class,num_gt,num_pred,aji,aji_gated,tp,fp,fn,f1,dice"]
+        lines += [f"{image},{name},1,1,{value},{value},1,0,0,1,0.9"
+                  for image, pair in aji.items() for name, value in zip(("cytoplasm", "nucleus"), pair)]
+        (folder / "test_cases.csv").write_text("\n".join(lines) + "\n")
+        plan = RunPlan(cervical, cervical.methods[method], seed, None, [], True)
+        return RunResult(plan, "finished", folder=folder, metrics={"aji_mean": 0.5})
+
+    # MMT-PSM minus supervised per image: (0.7+0.5)/2 - (0.6+0.4)/2 = +0.1 on both images and seeds.
+    results = [run(m, seed, {"a": (0.6 + d, 0.4 + d), "b": (0.5 + d, 0.3 + d)})
+               for seed in (0, 1) for m, d in (("supervised", 0.0), ("mmt_psm", 0.1))]
+    section = markdown(matrix, profile, results, None).split("## cervical", 1)[1]
+    assert "| Δ AJI vs supervised [95% CI] |" in section
+    assert "| MMT-PSM |" in section and "| +0.100 [+0.100, +0.100] |" in section
+    assert "AJI (mean over cytoplasm and nucleus) of each test image" in section
+    lines = {r["method"]: r for r in csv_rows(matrix, results, None)[1] if r["setting"] == "cervical"}
+    assert lines["mmt_psm"]["paired_metric"] == "aji_mean" and lines["mmt_psm"]["paired_pairs"] == 4
+    assert float(lines["mmt_psm"]["paired_diff"]) == pytest.approx(0.1)
 
 
 def test_runner_passes_the_holdout_and_captions_the_protocol(tmp_path: Path) -> None:

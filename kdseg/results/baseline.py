@@ -1,8 +1,8 @@
-"""The paired column of the ACDC tables: per test volume, a method's mean Dice (RV, Myo, LV) minus
-that of its label-only baseline (``supervised``, or ``pce`` for scribbles), pooled over the seeds
-both finished, mean and seeded percentile bootstrap interval (:mod:`kdseg.metrics.paired`): two
-seeds' means cannot say whether a 0.01 gain is real. ISBI 2014's paired AJI: ``python -m
-kdseg.metrics.paired --metric aji``.
+"""The paired column of the tables: per test case, a method's score minus that of its label-only
+baseline (``supervised``, or ``pce`` for scribbles) on the same case, pooled over the seeds both
+finished, mean and seeded percentile bootstrap interval (:mod:`kdseg.metrics.paired`): two or three
+seeds' means cannot say whether a 0.01 gain is real. The score is the mean Dice (RV, Myo, LV) of an
+ACDC volume, or the AJI of an ISBI 2014 image averaged over cytoplasm and nucleus (``aji_mean``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,13 @@ from kdseg.reproduce.spec import Setting
 
 #: The label-only baseline of a setting: the first of these that is one of its methods.
 LABEL_ONLY_BASELINES = ("supervised", "pce")
-#: The per-volume score: mean Dice of the foreground classes (columns of ``test_cases.csv``).
-DICE_COLUMNS = ("dice_RV", "dice_Myo", "dice_LV")
+#: Per task: (score's name, the ``test_cases.csv`` columns averaged per case, the metric id it equals,
+#: what a case is). Instance files have one row per image and class, so "aji" averages the classes.
+SCORES: dict[str, tuple[str, tuple[str, ...], str, str]] = {
+    "semantic": ("mean Dice", ("dice_RV", "dice_Myo", "dice_LV"), "dice_mean",
+                 "mean Dice (RV, Myo, LV) of each test volume"),
+    "instance": ("AJI", ("aji",), "aji_mean", "AJI (mean over cytoplasm and nucleus) of each test image"),
+}
 CONFIDENCE = 0.95
 RESAMPLES = 10000
 
@@ -28,11 +33,17 @@ class BaselineComparison:
 
     baseline: str
     baseline_label: str
+    task: str = "semantic"
     differences: dict[str, PairedDifference | str] = field(default_factory=dict)
 
     @property
+    def metric(self) -> str:
+        """The metric id the per-case score averages to (``dice_mean``, ``aji_mean``)."""
+        return SCORES[self.task][2]
+
+    @property
     def header(self) -> str:
-        return f"Δ mean Dice vs {self.baseline} [{100 * CONFIDENCE:.0f}% CI]"
+        return f"Δ {SCORES[self.task][0]} vs {self.baseline} [{100 * CONFIDENCE:.0f}% CI]"
 
     def cell(self, method: str) -> str:
         """``+0.012 [-0.004, +0.028]``; ``baseline`` for the baseline; ``–`` where there is none."""
@@ -51,12 +62,13 @@ def _cases_by_seed(setting: Setting, method: str, results: list[RunResult]) -> d
 
 
 def compare_to_baseline(setting: Setting, results: list[RunResult], seed: int = 0) -> BaselineComparison | None:
-    """The paired comparison of a semantic ``setting`` with a baseline, else None. A method with no seed
-    finished with the baseline's is left out; one that cannot be paired gets the reason."""
+    """The paired comparison of ``setting`` with its baseline, else None. A method with no seed finished
+    with the baseline's is left out; one that cannot be paired gets the reason."""
     baseline = next((name for name in LABEL_ONLY_BASELINES if name in setting.methods), None)
-    if setting.task != "semantic" or baseline is None:
+    if setting.task not in SCORES or baseline is None:
         return None
-    comparison = BaselineComparison(baseline, setting.methods[baseline].label)
+    comparison = BaselineComparison(baseline, setting.methods[baseline].label, setting.task)
+    columns = SCORES[setting.task][1]
     base = _cases_by_seed(setting, baseline, results)
     for method in setting.methods:
         if method == baseline:
@@ -67,8 +79,8 @@ def compare_to_baseline(setting: Setting, results: list[RunResult], seed: int = 
             continue
         try:
             comparison.differences[method] = paired_difference(
-                [case_scores(mine[s], DICE_COLUMNS) for s in seeds],
-                [case_scores(base[s], DICE_COLUMNS) for s in seeds],
+                [case_scores(mine[s], columns) for s in seeds],
+                [case_scores(base[s], columns) for s in seeds],
                 resamples=RESAMPLES, confidence=CONFIDENCE, seed=seed,
             )
         except ValueError as error:
@@ -79,10 +91,10 @@ def compare_to_baseline(setting: Setting, results: list[RunResult], seed: int = 
 def caption_text(comparison: BaselineComparison) -> str:
     """What the column means, for the table caption."""
     text = (
-        f"'{comparison.header}': the method's mean Dice (RV, Myo, LV) of each test volume minus "
-        f"that of {comparison.baseline} ({comparison.baseline_label}) on the same volume, pooled over the seeds "
+        f"'{comparison.header}': the method's {SCORES[comparison.task][3]} minus "
+        f"that of {comparison.baseline} ({comparison.baseline_label}) on the same case, pooled over the seeds "
         "both finished, with a "
-        f"{100 * CONFIDENCE:.0f}% percentile bootstrap interval over the (seed, volume) pairs ({RESAMPLES} "
+        f"{100 * CONFIDENCE:.0f}% percentile bootstrap interval over the (seed, case) pairs ({RESAMPLES} "
         "resamples, kdseg.metrics.paired)."
     )
     for method, found in comparison.differences.items():

@@ -1,6 +1,6 @@
 """The results table, one per setting, as ``table.md`` / ``table.csv`` / ``table.tex``: per method
 (matrix order) the mean +- sample std (``ddof=1``) over its finished seeds, then the papers'
-numbers; ACDC tables add the paired difference to the label-only baseline and "missed / spurious"
+numbers, and the paired difference to the label-only baseline; ACDC tables add "missed / spurious"
 counts. Captions come from the runs' resolved configs. Beside them ``runs.csv`` (one row per run)
 and each finished run's result files under ``runs/<setting>/<method>/seed<k>/``.
 """
@@ -318,11 +318,11 @@ def csv_rows(matrix: Matrix, results: list[RunResult],
     metrics = list(dict.fromkeys([*(c[0] for s in settings for c in COLUMNS[s.task]),
                                   *(m for s in settings for m in sorted(KNOWN_METRICS[s.task]))]))
     names = ACDC_NAMES if any(s.task == "semantic" for s in settings) else []
-    header = ["setting", "method", "label", "kind", "status", "seeds_finished", "seeds_failed", "seeds_planned",
+    header = ["setting", "task", "method", "label", "kind", "status", "seeds_finished", "seeds_failed", "seeds_planned",
               "iterations", "distance_unit", "distance_convention", "source", "where",
               *(f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")),
               *(f"{k}_{n}" for n in names for k in ("missed", "spurious")),
-              "paired_baseline", "paired_dice_mean_diff", "paired_low", "paired_high", "paired_pairs"]
+              "paired_baseline", "paired_metric", "paired_diff", "paired_low", "paired_high", "paired_pairs"]
     out = []
     for setting in settings:
         unit, convention = (tag or "" for tag in _distance_tags(results, setting))
@@ -330,8 +330,8 @@ def csv_rows(matrix: Matrix, results: list[RunResult],
         for row in build_rows(setting, results, papers):
             measured = row.kind == "measured"
             line: dict[str, Any] = {
-                "setting": row.setting, "method": row.method, "label": row.label, "kind": row.kind,
-                "status": row.status, "iterations": row.iterations,
+                "setting": row.setting, "task": setting.task, "method": row.method, "label": row.label,
+                "kind": row.kind, "status": row.status, "iterations": row.iterations,
                 "source": row.reported.citation if row.reported else "",
                 "where": row.reported.where if row.reported else "",
                 **({"seeds_finished": row.seeds_finished, "seeds_failed": row.seeds_failed,
@@ -346,9 +346,9 @@ def csv_rows(matrix: Matrix, results: list[RunResult],
                 if name in names:
                     line[f"missed_{name}"], line[f"spurious_{name}"] = missed, spurious
             if paired and measured:
-                line["paired_baseline"] = paired.baseline
+                line["paired_baseline"], line["paired_metric"] = paired.baseline, paired.metric
                 if isinstance(found := paired.differences.get(row.method), PairedDifference):
-                    line.update(paired_dice_mean_diff=f"{found.mean:.6g}", paired_low=f"{found.low:.6g}",
+                    line.update(paired_diff=f"{found.mean:.6g}", paired_low=f"{found.low:.6g}",
                                 paired_high=f"{found.high:.6g}", paired_pairs=found.pairs)
             out.append(line)
     return header, out
