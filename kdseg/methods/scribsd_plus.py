@@ -6,7 +6,8 @@ Loss::
 
     L_total = L_pce + w(t) * (w_kd * L_kd + w_cc * L_contrast)
 
-- ``L_pce``: partial cross-entropy on the scribbles at full resolution.
+- ``L_pce = pCE(z_1) + w_ds * mean_{s>1} pCE(up(z_s))``: partial cross-entropy on the scribbles of the
+  full-resolution output and of the deep-supervision outputs upsampled to it (``ds_pce_weight`` w_ds, 1.0).
 - ``L_kd = sum_s a_s * T^2 * KL(q_s || softmax(z_s / T)) / sum_s a_s``: the EMA teacher's soft
   prediction ``q_s`` at decoder scale ``s`` supervises the student's deep-supervision output ``z_s``.
 - ``L_contrast``: InfoNCE of pixel embeddings against class prototypes; classes from the scribbles

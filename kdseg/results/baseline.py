@@ -52,7 +52,12 @@ class BaselineComparison:
         found = self.differences.get(method)
         if not isinstance(found, PairedDifference):
             return "–"
-        return f"{found.mean:+.3f} [{found.low:+.3f}, {found.high:+.3f}]"
+        return format_interval(found.mean, found.low, found.high)
+
+
+def format_interval(mean: float, low: float, high: float) -> str:
+    """``+0.012 [-0.004, +0.028]``: a paired difference and its interval, as the tables show it."""
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def _cases_by_seed(setting: Setting, method: str, results: list[RunResult]) -> dict[int, Path]:

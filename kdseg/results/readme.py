@@ -14,22 +14,23 @@ import csv
 import sys
 from pathlib import Path
 
+from kdseg.results.baseline import format_interval
+from kdseg.results.tables import DASH, Stat, format_stat
+
 BEGIN = ("<!-- results-rows: generated from {table} by `python -m kdseg.results.readme`; "
          "edit the table, not these rows -->")
 START = "<!-- results-rows:"  # how BEGIN starts: finds a block whatever table it names
 END = "<!-- /results-rows -->"
-DASH = "–"
-#: (metric id, header, decimals) of the two summary layouts.
-SEMANTIC = (("dice_mean", "Dice mean", 3), ("asd_mean", "ASD mean ({unit})", 2))
-INSTANCE = (("aji_mean", "AJI", 3), ("map_mean", "mAP", 3), ("f1_mean", "F1@0.5", 3))
+#: (metric id, header, is a distance) of the two summary layouts.
+SEMANTIC = (("dice_mean", "Dice mean", False), ("asd_mean", "ASD mean ({unit})", True))
+INSTANCE = (("aji_mean", "AJI", False), ("map_mean", "mAP", False), ("f1_mean", "F1@0.5", False))
 
 
-def cell(row: dict[str, str], metric: str, decimals: int) -> str:
-    """``0.475 ± 0.010`` (mean ± sample std over the seeds), ``0.414`` for one seed, ``–`` if absent."""
+def cell(row: dict[str, str], metric: str, distance: bool) -> str:
+    """table.md's cell of ``metric`` from a ``table.csv`` row: ``0.475 ± 0.010``, ``0.414`` for one
+    seed, ``–`` if absent."""
     mean, std = row.get(f"{metric}_mean", ""), row.get(f"{metric}_std", "")
-    if not mean:
-        return DASH
-    return f"{float(mean):.{decimals}f}" + (f" ± {float(std):.{decimals}f}" if std else "")
+    return format_stat(Stat(float(mean), float(std) if std else None) if mean else None, distance)
 
 
 def paired_cell(row: dict[str, str]) -> str:
@@ -38,8 +39,7 @@ def paired_cell(row: dict[str, str]) -> str:
         return "baseline"
     if not row.get("paired_diff"):
         return DASH
-    mean, low, high = (float(row[k]) for k in ("paired_diff", "paired_low", "paired_high"))
-    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+    return format_interval(*(float(row[k]) for k in ("paired_diff", "paired_low", "paired_high")))
 
 
 def summary(rows: list[dict[str, str]]) -> str:
@@ -59,7 +59,7 @@ def summary(rows: list[dict[str, str]]) -> str:
     return "\n".join(out)
 
 
-def _layout(rows: list[dict[str, str]], columns: list[tuple[str, str, int]], score: str) -> list[str]:
+def _layout(rows: list[dict[str, str]], columns: list[tuple[str, str, bool]], score: str) -> list[str]:
     """One summary table; the Δ column only where the table has the paired columns."""
     paired = any(r.get("paired_baseline") for r in rows)
     headers = ["setting", "method", "seeds", *(h for _, h, _ in columns)]

@@ -125,7 +125,8 @@ def _of(results: list[RunResult], setting: Setting, method: str | None = None) -
     return [r for r in results if r.plan.setting.name == setting.name and method in (None, r.plan.method.name)]
 
 
-def _fmt(stat: Stat | None, distance: bool) -> str:
+def format_stat(stat: Stat | None, distance: bool) -> str:
+    """``0.475 ± 0.010`` (distances: 2 decimals), the mean alone for one value, ``–`` for none."""
     if stat is None:
         return DASH
     digits = 2 if distance else 3
@@ -239,7 +240,7 @@ def _grid(setting: Setting, results: list[RunResult], papers: PaperNumbers | Non
         if row.kind == "measured" and not row.seeds_finished:
             out.append((row, lead, row.status))
             continue
-        cells = [_fmt(row.stats.get(m), d) for m, _, d in cols] + ([row.misses_cell(names)] if names else [])
+        cells = [format_stat(row.stats.get(m), d) for m, _, d in cols] + ([row.misses_cell(names)] if names else [])
         cells += [paired.cell(row.method) if row.kind == "measured" else DASH] if paired else []
         out.append((row, lead, cells))
     return headers, out
