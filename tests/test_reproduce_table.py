@@ -376,6 +376,32 @@ def test_moved_run_folder_finds_its_checkpoint(tmp_path: Path) -> None:
     assert relocated_checkpoint(Path("/elsewhere/best.ckpt"), folder) == Path("/elsewhere/best.ckpt")
 
 
+def test_fit_seconds_add_the_interrupted_attempts(tmp_path: Path) -> None:
+    from kdseg.reproduce.execute import fit_seconds
+
+    def touch(path: Path, when: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+        os.utime(path, (when, when))
+
+    folder, t0 = tmp_path / "pce-0123456789ab", 1_700_000_000.0
+    assert fit_seconds(folder) is None  # not finished
+    # attempt 1: killed after 300 s of writing files; attempt 2 (the finishing call) ran 100 s
+    touch(folder / "fit" / "version_0" / "config.yaml", t0)
+    touch(folder / "fit" / "version_0" / "metrics.csv", t0 + 300)
+    touch(folder / "fit" / "version_1" / "config.yaml", t0 + 1000 + 10)
+    touch(folder / "fit" / "version_1" / "checkpoints" / "last.ckpt", t0 + 1000 + 95)
+    done = folder / "fit.done.json"
+    done.write_text(json.dumps({"seconds": 100.0}))
+    os.utime(done, (t0 + 1100, t0 + 1100))
+    assert fit_seconds(folder) == pytest.approx(400.0)
+    # a copy that did not keep modification times: only the finishing call is known
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.utime(path, (t0 + 5000, t0 + 5000))
+    assert fit_seconds(folder) == pytest.approx(100.0)
+
+
 # --------------------------------------------------------------------------- the ACDC protocol and paired column
 
 

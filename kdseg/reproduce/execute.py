@@ -12,6 +12,7 @@ or 0 short of ``max_steps`` is interrupted, not failed: it resumes on the next c
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -101,6 +102,26 @@ def _version(folder: Path) -> int:
 def fit_versions(folder: Path) -> list[Path]:
     """The stage's ``fit/version_*`` folders, oldest first."""
     return sorted((p for p in (folder / "fit").glob("version_*") if p.is_dir()), key=_version)
+
+
+def fit_seconds(folder: Path) -> float | None:
+    """Fit time of a finished stage over all its attempts (None before ``fit.done.json``).
+
+    The finishing call's measured ``seconds`` plus, for each version folder left by an earlier,
+    interrupted call (its first file older than the finishing call's start, i.e. ``fit.done.json``'s
+    time minus its ``seconds``), the span of its files' modification times: a lower bound for that
+    call, missing its start-up before ``config.yaml``. A copy that did not keep modification times
+    counts the finishing call only."""
+    done_file = folder / "fit.done.json"
+    if not done_file.is_file():
+        return None
+    seconds = float(json.loads(done_file.read_text()).get("seconds", math.nan))
+    finishing_call_start = done_file.stat().st_mtime - seconds
+    for version in fit_versions(folder):
+        times = [p.stat().st_mtime for p in version.rglob("*") if p.is_file()]
+        if times and min(times) < finishing_call_start:
+            seconds += max(times) - min(times)
+    return seconds
 
 
 def unfinished_training(done: dict[str, Any]) -> str | None:

@@ -8,7 +8,6 @@ and each finished run's result files under ``runs/<setting>/<method>/seed<k>/``.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from kdseg.evaluation.volume import describe_distances
 from kdseg.metrics.paired import PairedDifference
 from kdseg.results.baseline import caption_text, compare_to_baseline
 from kdseg.results.curves import flattening_text
-from kdseg.reproduce.execute import RunResult
+from kdseg.reproduce.execute import RunResult, fit_seconds
 from kdseg.reproduce.spec import Matrix, PaperNumbers, Profile, ReportedRow, Setting
 
 DASH = "–"
@@ -371,7 +370,8 @@ def write_tables(results_dir: Path, matrix: Matrix, profile: Profile, results: l
     with (results_dir / "runs.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         # "seconds": time spent by this call (0 for a run skipped as finished); "run_seconds": the
-        # run's own fit + test time as recorded in its stage folders, whichever call ran it.
+        # run's own fit + test time as recorded in its stage folders, whichever calls ran it
+        # (interrupted and resumed fits included, execute.fit_seconds).
         writer.writerow(["setting", "method", "seed", "status", "seconds", "run_seconds", "keys", "folder",
                          "checkpoint", "failure", "stderr_log"])
         for r in results:
@@ -392,13 +392,13 @@ def write_tables(results_dir: Path, matrix: Matrix, profile: Profile, results: l
 
 
 def _recorded_seconds(r: RunResult) -> str:
-    """Sum of the stages' recorded fit seconds plus the test's, '' while any is missing."""
+    """Sum of the stages' fit seconds over all their attempts plus the test's, '' while any is missing."""
     if not r.has_metrics or r.folder is None:
         return ""
     total = float(r.result.get("test_seconds", math.nan))
     for stage in r.plan.stages:
-        done = r.folder.parent / stage.folder_name / "fit.done.json"
-        if not done.is_file():
+        seconds = fit_seconds(r.folder.parent / stage.folder_name)
+        if seconds is None:
             return ""
-        total += float(json.loads(done.read_text()).get("seconds", math.nan))
+        total += seconds
     return "" if math.isnan(total) else f"{total:.0f}"
