@@ -57,7 +57,7 @@ def test_summary_cells_by_hand() -> None:
              aji_mean_std="0.018", map_mean_mean="0.476", map_mean_std="0.0131", paired_baseline="sup",
              paired_diff="0.0131", paired_low="-0.0061", paired_high="0.0304"),
     ]
-    semantic, instance = summary(rows).split("\n\n")
+    semantic, instance = summary(rows).split("\n\n")  # no planned counts: no progress line
     assert semantic.splitlines()[0] == ("| setting | method | seeds | Dice mean | ASD mean (px) "
                                         "| Δ mean Dice vs baseline [95% CI] |")
     assert "| s | pCE | 3 | 0.474 ± 0.028 | 47.11 ± 8.47 | baseline |" in semantic
@@ -68,6 +68,18 @@ def test_summary_cells_by_hand() -> None:
     old = summary([{k: v for k, v in r.items() if k != "task" and not k.startswith("paired")} for r in rows])
     assert "Δ" not in old and "| c | MMT-PSM | 2 | 0.712 ± 0.018 | 0.476 ± 0.013 | – |" in old.split("\n\n")[1]
     assert paired_cell(_row(paired_baseline="pce")) == "–"  # another method with no interval
+
+
+def test_partial_table_says_how_many_runs_finished() -> None:
+    rows = [_row(label="A", seeds_finished="3", seeds_planned="3", dice_mean_mean="0.5"),
+            _row(label="B", seeds_finished="1", seeds_planned="3", dice_mean_mean="0.6"),
+            _row(label="C", seeds_finished="0", seeds_planned="3"),
+            _row(label="C (reported in P, Table 1)", kind="reported", seeds_finished="", seeds_planned="",
+                 dice_mean_mean="0.8")]
+    progress, table = summary(rows).split("\n\n")
+    assert progress == "Runs finished: 4 of 9 planned."
+    assert "| s | A | 3 | 0.500 | – |" in table and "| s | B | 1 of 3 | 0.600 | – |" in table
+    assert "| s | C | 0 of 3 | – | – |" in table and "| s | C (reported in P, Table 1) | – | 0.800 | – |" in table
 
 
 def test_block_errors_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,5 +1,5 @@
 """The README's summary of a results table, generated from its ``table.csv`` so the two cannot drift:
-per setting and method the seeds, Dice mean and ASD mean (ACDC) or AJI, mAP and F1@0.5 (ISBI 2014),
+how many of the planned runs finished, then per setting and method the seeds, Dice mean and ASD mean (ACDC) or AJI, mAP and F1@0.5 (ISBI 2014),
 and the paired difference (mean Dice or AJI) to the label-only baseline where the table has it.
 The block sits between two marker lines in the README; ``--check`` fails when it differs from what
 the table gives.
@@ -48,15 +48,32 @@ def summary(rows: list[dict[str, str]]) -> str:
     # table.csv names each setting's task; tables written before that column are told apart by AJI
     instance = [r for r in rows if r.get("task", "instance" if r.get("aji_mean_mean") else "") == "instance"]
     semantic = [r for r in rows if r not in instance]
-    out: list[str] = []
+    out: list[str] = [progress, ""] if (progress := progress_line(rows)) else []
     if semantic:
         unit = next((r["distance_unit"] for r in semantic if r.get("distance_unit")), "") or "px"
         unit = "px" if unit == "pixel" else unit
         out += _layout(semantic, [(m, h.format(unit=unit), d) for m, h, d in SEMANTIC], "mean Dice")
     if instance:
-        out += [""] if out else []
+        out += [""] if semantic else []
         out += _layout(instance, list(INSTANCE), "AJI")
     return "\n".join(out)
+
+
+def seeds_cell(row: dict[str, str]) -> str:
+    """Finished seeds, ``1 of 3`` while some planned ones have not finished."""
+    finished, planned = row.get("seeds_finished") or "", row.get("seeds_planned") or ""
+    if not finished:
+        return DASH
+    return f"{finished} of {planned}" if planned and int(planned) > int(finished) else finished
+
+
+def progress_line(rows: list[dict[str, str]]) -> str | None:
+    """``Runs finished: 28 of 39 planned.`` over the measured rows; None for a table without counts."""
+    measured = [r for r in rows if r.get("kind", "measured") == "measured" and r.get("seeds_planned")]
+    if not measured:
+        return None
+    finished = sum(int(r.get("seeds_finished") or 0) for r in measured)
+    return f"Runs finished: {finished} of {sum(int(r['seeds_planned']) for r in measured)} planned."
 
 
 def _layout(rows: list[dict[str, str]], columns: list[tuple[str, str, bool]], score: str) -> list[str]:
@@ -64,7 +81,7 @@ def _layout(rows: list[dict[str, str]], columns: list[tuple[str, str, bool]], sc
     paired = any(r.get("paired_baseline") for r in rows)
     headers = ["setting", "method", "seeds", *(h for _, h, _ in columns)]
     headers += [f"Δ {score} vs baseline [95% CI]"] if paired else []
-    return _table(headers, [[r["setting"], r["label"], r.get("seeds_finished") or DASH,
+    return _table(headers, [[r["setting"], r["label"], seeds_cell(r),
                              *(cell(r, m, d) for m, _, d in columns),
                              *([paired_cell(r)] if paired else [])] for r in rows])
 
