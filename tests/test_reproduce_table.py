@@ -465,10 +465,29 @@ def test_acdc_table_has_the_paired_difference_to_the_label_only_baseline(tmp_pat
 
     assert {r["setting"]: r["task"] for r in lines} == {"acdc_scribble": "semantic", "acdc_semi_3": "semantic",
                                                          "acdc_semi_7": "semantic", "cervical": "instance"}
-    readme = summary([{k: str(v) for k, v in r.items()} for r in lines]).split("\n\n")
+    progress, *readme = summary([{k: str(v) for k, v in r.items()} for r in lines]).split("\n\n")
+    assert progress == "Runs finished: 7 of 7 planned."  # the plans of these fake runs only
     assert "| acdc_semi_3 | Mean Teacher | 2 | 0.650 ± 0.000 | – | +0.100 [+0.100, +0.100] |" in readme[0]
     assert f"| acdc_semi_3 | ACTION | 1 | 0.650 | – | {action_cell.rstrip(' |')} |" in readme[0]
     assert "| cervical | MMT-PSM | 0 | – | – | – | – |" in readme[1] and "cervical" not in readme[0]
+
+
+def test_table_md_sums_the_recorded_run_times(tmp_path: Path) -> None:
+    from kdseg.results.tables import markdown
+
+    matrix = load_matrix(MATRIX)
+    profile = load_profile(profile_path("smoke", REPO / "experiments/reproduce/profiles"), matrix)
+    semi, scribble = matrix.settings["acdc_semi_3"], matrix.settings["acdc_scribble"]
+    results = [_fake_finished_run(semi, "supervised", 0, tmp_path / "s0", {"p1_frame01": 0.5}),
+               _fake_finished_run(semi, "mean_teacher", 0, tmp_path / "m0", {"p1_frame01": 0.6}),
+               _fake_finished_run(scribble, "pce", 0, tmp_path / "c0", {"p1_frame01": 0.5})]
+    for result, seconds in zip(results, (1800, 5400, 900)):
+        result.result = {"test_seconds": seconds}  # these fake plans have no fit stage: test time only
+    assert "## Compute" not in markdown(matrix, profile, results[:0], None)
+    compute = markdown(matrix, profile, results, None).split("## Compute", 1)[1]
+    assert "- acdc_scribble: 1 runs, 0.2 run-hours (a run 900-900 s)" in compute
+    assert "- acdc_semi_3: 2 runs, 2.0 run-hours (a run 1,800-5,400 s)" in compute
+    assert "- total: 3 runs, 2.2 run-hours" in compute and "acdc_semi_7" not in compute
 
 
 def test_instance_table_has_the_paired_aji_difference(tmp_path: Path) -> None:

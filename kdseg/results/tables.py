@@ -261,6 +261,7 @@ def markdown(matrix: Matrix, profile: Profile, results: list[RunResult], papers:
             lines.append("| " + " | ".join(lead + cells) + " |")
             failures += row.failures
         lines += ["", caption(setting, results, profile, papers), ""]
+    lines += compute_lines(matrix, results)
     if failures:
         lines += ["## Failures", ""]
         for result in failures:
@@ -277,6 +278,23 @@ def markdown(matrix: Matrix, profile: Profile, results: list[RunResult], papers:
             lines.append(f"- {item.get('source', '')} {item.get('setting', '')}: {item['what']}: {item['why']}".strip())
         lines.append("")
     return "\n".join(lines)
+
+
+def compute_lines(matrix: Matrix, results: list[RunResult]) -> list[str]:
+    """table.md's "Compute" section: per setting the finished runs and their recorded fit + test time
+    (``runs.csv``'s ``run_seconds``, whichever calls ran them), and the total; none before a run finished."""
+    out, total, counted = [], 0.0, 0
+    for setting in matrix.settings.values():
+        seconds = [float(s) for r in _of(results, setting) if (s := _recorded_seconds(r))]
+        if seconds:
+            out.append(f"- {setting.name}: {len(seconds)} runs, {sum(seconds) / 3600:.1f} run-hours "
+                       f"(a run {min(seconds):,.0f}-{max(seconds):,.0f} s)")
+            total, counted = total + sum(seconds), counted + len(seconds)
+    if not out:
+        return []
+    return ["## Compute", "", "Recorded fit + test time of the finished runs (`runs.csv`, `run_seconds`; interrupted "
+            "and resumed fits included); runs that shared the machine's cores take longer than alone.", "",
+            *out, f"- total: {counted} runs, {total / 3600:.1f} run-hours", ""]
 
 
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
