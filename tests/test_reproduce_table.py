@@ -449,6 +449,11 @@ def test_acdc_table_has_the_paired_difference_to_the_label_only_baseline(tmp_pat
     low, high = (float(x) for x in action_cell.split("[")[1].rstrip("] |").split(", "))
     assert 0.0 <= low < 0.1 < high <= 0.2
     assert "(seed, case) pairs" in semi_md and "mean Dice (RV, Myo, LV) of each test volume" in semi_md
+    # Between the other methods, in the caption: ACTION - Mean Teacher on seed 0 is +0.1 and -0.1.
+    assert "Paired differences between the other methods (A - B, mean Dice per case" in semi_md
+    assert "ACTION - Mean Teacher +0.000 [" in semi_md and "(2 pairs)" in semi_md
+    scribble_md = md.split("## acdc_scribble", 1)[1].split("## ", 1)[0]
+    assert "Paired differences between" not in scribble_md  # DMPLS alone besides pCE: no pair
     scribble_md = md.split("## acdc_scribble", 1)[1].split("## ", 1)[0]
     assert "| Δ mean Dice vs pce [95% CI] |" in scribble_md
     assert "No interval for dmpls: run pair 0: the runs were tested on different cases" in scribble_md
@@ -485,8 +490,8 @@ def test_table_md_sums_the_recorded_run_times(tmp_path: Path) -> None:
         result.result = {"test_seconds": seconds}  # these fake plans have no fit stage: test time only
     assert "## Compute" not in markdown(matrix, profile, results[:0], None)
     compute = markdown(matrix, profile, results, None).split("## Compute", 1)[1]
-    assert "- acdc_scribble: 1 runs, 0.2 run-hours (a run 900-900 s)" in compute
-    assert "- acdc_semi_3: 2 runs, 2.0 run-hours (a run 1,800-5,400 s)" in compute
+    assert "- acdc_scribble: 1 run, 0.2 run-hours (900 s)" in compute
+    assert "- acdc_semi_3: 2 runs, 2.0 run-hours (1,800-5,400 s a run)" in compute
     assert "- total: 3 runs, 2.2 run-hours" in compute and "acdc_semi_7" not in compute
 
 

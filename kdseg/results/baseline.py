@@ -1,8 +1,9 @@
 """The paired column of the tables: per test case, a method's score minus that of its label-only
 baseline (``supervised``, or ``pce`` for scribbles) on the same case, pooled over the seeds both
 finished, mean and seeded percentile bootstrap interval (:mod:`kdseg.metrics.paired`): two or three
-seeds' means cannot say whether a 0.01 gain is real. The score is the mean Dice (RV, Myo, LV) of an
-ACDC volume, or the AJI of an ISBI 2014 image averaged over cytoplasm and nucleus (``aji_mean``).
+seeds' means cannot say whether a 0.01 gain is real. The captions give the same statistics between
+the other methods. The score is the mean Dice (RV, Myo, LV) of an ACDC volume, or the AJI of an ISBI
+2014 image averaged over cytoplasm and nucleus (``aji_mean``).
 """
 
 from __future__ import annotations
@@ -73,24 +74,42 @@ def compare_to_baseline(setting: Setting, results: list[RunResult], seed: int = 
     if setting.task not in SCORES or baseline is None:
         return None
     comparison = BaselineComparison(baseline, setting.methods[baseline].label, setting.task)
-    columns = SCORES[setting.task][1]
-    base = _cases_by_seed(setting, baseline, results)
     for method in setting.methods:
-        if method == baseline:
-            continue
-        mine = _cases_by_seed(setting, method, results)
-        seeds = sorted(set(mine) & set(base))
-        if not seeds:  # not run (yet): the cell says "–", nothing to explain
-            continue
-        try:
-            comparison.differences[method] = paired_difference(
-                [case_scores(mine[s], columns) for s in seeds],
-                [case_scores(base[s], columns) for s in seeds],
-                resamples=RESAMPLES, confidence=CONFIDENCE, seed=seed,
-            )
-        except ValueError as error:
-            comparison.differences[method] = str(error)
+        if method != baseline and (found := compare(setting, results, method, baseline, seed)) is not None:
+            comparison.differences[method] = found
     return comparison
+
+
+def compare(setting: Setting, results: list[RunResult], a: str, b: str, seed: int = 0) -> PairedDifference | str | None:
+    """Method ``a`` minus method ``b`` per test case over the seeds both finished; None when they share
+    no finished seed (not run yet), the reason when they cannot be paired."""
+    mine, theirs = _cases_by_seed(setting, a, results), _cases_by_seed(setting, b, results)
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return None
+    columns = SCORES[setting.task][1]
+    try:
+        return paired_difference([case_scores(mine[s], columns) for s in seeds],
+                                 [case_scores(theirs[s], columns) for s in seeds],
+                                 resamples=RESAMPLES, confidence=CONFIDENCE, seed=seed)
+    except ValueError as error:
+        return str(error)
+
+
+def between_methods_text(setting: Setting, results: list[RunResult], seed: int = 0) -> str | None:
+    """The caption's sentence on the paired differences between the methods other than the baseline,
+    each later method (in matrix order: the papers' methods come last) minus each earlier one."""
+    if setting.task not in SCORES:
+        return None
+    others = [m for m in setting.methods if m not in LABEL_ONLY_BASELINES]
+    found = [(a, b, d) for i, a in enumerate(others) for b in others[:i]
+             if isinstance(d := compare(setting, results, a, b, seed), PairedDifference)]
+    if not found:
+        return None
+    label = {name: method.label for name, method in setting.methods.items()}
+    return (f"Paired differences between the other methods (A - B, {SCORES[setting.task][0]} per case, same "
+            "statistics): " + "; ".join(f"{label[a]} - {label[b]} {format_interval(d.mean, d.low, d.high)} "
+                                        f"({d.pairs} pairs)" for a, b, d in found) + ".")
 
 
 def caption_text(comparison: BaselineComparison) -> str:

@@ -21,7 +21,7 @@ from kdseg.data.instances import CLASS_NAMES as CELL_CLASS_NAMES
 from kdseg.evaluation.metric_ids import KNOWN_METRICS
 from kdseg.evaluation.volume import describe_distances
 from kdseg.metrics.paired import PairedDifference
-from kdseg.results.baseline import caption_text, compare_to_baseline
+from kdseg.results.baseline import between_methods_text, caption_text, compare_to_baseline
 from kdseg.results.curves import flattening_text
 from kdseg.reproduce.execute import RunResult, fit_seconds
 from kdseg.reproduce.spec import Matrix, PaperNumbers, Profile, ReportedRow, Setting
@@ -192,6 +192,8 @@ def caption(setting: Setting, results: list[RunResult], profile: Profile, papers
     )
     if paired := compare_to_baseline(setting, results):
         parts.append(caption_text(paired))
+    if between := between_methods_text(setting, results):
+        parts.append(between)
     if flattening := flattening_text(setting, results):
         parts.append(flattening)
     parts.append("Values: mean ± sample std (ddof=1) over the finished seeds (number in 'seeds').")
@@ -287,14 +289,19 @@ def compute_lines(matrix: Matrix, results: list[RunResult]) -> list[str]:
     for setting in matrix.settings.values():
         seconds = [float(s) for r in _of(results, setting) if (s := _recorded_seconds(r))]
         if seconds:
-            out.append(f"- {setting.name}: {len(seconds)} runs, {sum(seconds) / 3600:.1f} run-hours "
-                       f"(a run {min(seconds):,.0f}-{max(seconds):,.0f} s)")
+            each = (f"{min(seconds):,.0f}-{max(seconds):,.0f} s a run" if len(seconds) > 1
+                    else f"{seconds[0]:,.0f} s")
+            out.append(f"- {setting.name}: {_runs(len(seconds))}, {sum(seconds) / 3600:.1f} run-hours ({each})")
             total, counted = total + sum(seconds), counted + len(seconds)
     if not out:
         return []
     return ["## Compute", "", "Recorded fit + test time of the finished runs (`runs.csv`, `run_seconds`; interrupted "
             "and resumed fits included); runs that shared the machine's cores take longer than alone.", "",
-            *out, f"- total: {counted} runs, {total / 3600:.1f} run-hours", ""]
+            *out, f"- total: {_runs(counted)}, {total / 3600:.1f} run-hours", ""]
+
+
+def _runs(count: int) -> str:
+    return f"{count} run" + ("" if count == 1 else "s")
 
 
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
