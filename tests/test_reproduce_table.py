@@ -691,6 +691,13 @@ def test_a_second_runner_on_one_out_is_refused(tmp_path: Path) -> None:
     with OutDirLock(tmp_path):
         with pytest.raises(RuntimeError, match=r"another reproduce runner \(pid \d+\) is using"):
             OutDirLock(tmp_path).__enter__()
+        # --table-only runs nothing: it writes the table of what finished while the runner works
+        from kdseg.reproduce.main import run
+
+        assert run(["--profile", "smoke", "--only", "acdc_scribble/pce", "--table-only", "--no-figures",
+                    "--out", str(tmp_path), "--results", str(tmp_path / "results")]) == 0
+        assert "| pCE | 0 (1 not run) |" in (tmp_path / "results" / "smoke" / "table.md").read_text()
+        assert (tmp_path / ".reproduce.lock").read_text() == str(os.getpid())  # the runner's lock stays
     (tmp_path / ".reproduce.lock").write_text(str(2**22 + 1))  # above pid_max: a runner that is gone
     with OutDirLock(tmp_path):
         assert (tmp_path / ".reproduce.lock").read_text() == str(os.getpid())

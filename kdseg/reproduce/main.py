@@ -7,6 +7,7 @@ Exit status: 0 all selected runs finished, 1 one failed (the table says FAILED),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="replace the profile's seeds")
     p.add_argument("--set", nargs="+", default=[], metavar="VAR=VALUE", help="replace the profile's vars")
     p.add_argument("--max-runs", type=int, default=None, help="start at most this many unfinished runs")
-    p.add_argument("--table-only", action="store_true", help="run nothing: tables and figures of finished runs")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: tables and figures of finished runs (also while a runner works on --out)")
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and their keys, run nothing")
     return p
@@ -90,7 +92,8 @@ def _run(args: argparse.Namespace, start: float) -> int:
     results_dir = Path(args.results).resolve() / profile.name
     selection = parse_selection(args.only, matrix)
     say = lambda text: print(text, flush=True)  # noqa: E731
-    with OutDirLock(out):
+    # --table-only runs nothing and leaves the run folders alone: it may read them while a runner works
+    with contextlib.nullcontext() if args.table_only else OutDirLock(out):
         runs = plan_runs(matrix, profile, out, selection, seeds=args.seeds)
         if args.table_only:
             for r in runs:
