@@ -80,7 +80,8 @@ def compare_to_baseline(setting: Setting, results: list[RunResult], seed: int = 
     return comparison
 
 
-def compare(setting: Setting, results: list[RunResult], a: str, b: str, seed: int = 0) -> PairedDifference | str | None:
+def compare(setting: Setting, results: list[RunResult], a: str, b: str,
+            seed: int = 0) -> PairedDifference | str | None:
     """Method ``a`` minus method ``b`` per test case over the seeds both finished; None when they share
     no finished seed (not run yet), the reason when they cannot be paired."""
     mine, theirs = _cases_by_seed(setting, a, results), _cases_by_seed(setting, b, results)
