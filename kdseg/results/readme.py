@@ -1,8 +1,8 @@
 """The README's summary of a results table, generated from its ``table.csv`` so the two cannot drift:
 how many of the planned runs finished, then per setting and method the seeds, Dice mean and ASD mean
-(ACDC) or AJI, mAP and F1@0.5 (ISBI 2014), and the paired difference (mean Dice or AJI) to the label-only baseline where the table has it.
-The block sits between two marker lines in the README; ``--check`` fails when it differs from what
-the table gives.
+(ACDC) or AJI, mAP and F1@0.5 (ISBI 2014), and the paired difference (mean Dice or AJI) to the
+label-only baseline where the table has it. The block sits between two marker lines in the README;
+``--check`` fails when it differs from what the table gives.
 
     python -m kdseg.results.readme experiments/results/cpu/table.csv README.md [--check]
 """
