@@ -110,7 +110,7 @@ def fit_seconds(folder: Path) -> float | None:
     The finishing call's measured ``seconds`` plus, for each version folder left by an earlier,
     interrupted call (its first file older than the finishing call's start, i.e. ``fit.done.json``'s
     time minus its ``seconds``), the span of its files' modification times: a lower bound for that
-    call, missing its start-up before ``config.yaml``. A copy that did not keep modification times
+    call, missing its start-up before ``config.yaml`` and any work after the last file it wrote. A copy that did not keep modification times
     counts the finishing call only."""
     done_file = folder / "fit.done.json"
     if not done_file.is_file():
