@@ -19,6 +19,10 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ACDC = REPO.parent / "shared" / "data" / "acdc"
 SHARED_ISBI = REPO.parent / "shared" / "data" / "isbi2014"
+#: The reproduction's declared files, and the environment of its subprocesses (one thread each).
+MATRIX = REPO / "experiments" / "reproduce" / "matrix.yaml"
+PAPERS = REPO / "experiments" / "reproduce" / "paper_numbers.yaml"
+REPRODUCE_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 #: CLI overrides that make any segmentation config tiny (32x32 slices, a 4-stage U-Net: the
 #: shallowest that still has the 1/8 decoder scale multi-scale methods use).
