@@ -1,12 +1,12 @@
 """The identity teacher: helpers shared by the ``test_wiring_*`` files (which output is compared
 with which, in every teacher-student method).
 
-The loss tests check each loss on hand-computed values; these tests check that the training steps
-feed them the right tensors. The common device is an *identity teacher*: at construction the EMA
+The loss tests check each loss on hand-computed values; the wiring tests check that the training
+steps feed them the right tensors. The common device is an *identity teacher*: at construction the EMA
 teacher is an exact copy of the student, so with the input noise off and the model in eval mode
 (BatchNorm on running statistics, so an image's output does not depend on its batch) the teacher
 and the student give the same output for the same image. A consistency term must then be exactly 0,
-and a KD term must equal the value computed here by hand from the student's own outputs. Pairing
+and a KD term must equal the value a test computes by hand from the student's own outputs. Pairing
 the outputs of different images (a batch permutation on one side), losing a temperature factor or
 inverting a transform with the wrong sign moves the value away from it; each test also checks that
 such a mistake would be visible (the mismatched value is clearly nonzero), so none passes vacuously.
