@@ -27,7 +27,7 @@ def _run(tmp_path: Path, method: str, seed: int, curve: dict[int, float]) -> Sim
     (version / "metrics.csv").write_text("\n".join(lines) + "\n")
     plan = SimpleNamespace(setting=SimpleNamespace(name="s"), method=SimpleNamespace(name=method), stages=[0],
                            final={"checkpoint.monitor": "val/dice_mean"})
-    return SimpleNamespace(plan=plan, has_metrics=True, folder=tmp_path / f"{method}-{seed}")
+    return SimpleNamespace(plan=plan, status="finished", has_metrics=True, folder=tmp_path / f"{method}-{seed}")
 
 
 def test_flattening_text_names_flat_and_rising_methods(tmp_path: Path) -> None:
@@ -47,3 +47,18 @@ def test_flattening_text_names_flat_and_rising_methods(tmp_path: Path) -> None:
     assert "still rising for B +0.050." in text
     assert "C" not in text.replace("Validation curves", "")  # no run: not mentioned
     assert flattening_text(SimpleNamespace(name="s", methods=methods), []) == ""
+
+
+def test_restored_runs_give_their_record_curve_or_are_named_without_one(tmp_path: Path) -> None:
+    """Runs restored from their records (run folders gone): the record's ``val_curve.csv`` counts like
+    a run folder's curve; a record without one is named in the caption, not silently left out."""
+    methods = {"a": SimpleNamespace(name="a", label="A"), "b": SimpleNamespace(name="b", label="B")}
+    kept, bare = _run(tmp_path, "a", 0, {}), _run(tmp_path, "b", 0, {})
+    for run in (kept, bare):
+        run.status = "restored"
+    (kept.folder / "val_curve.csv").write_text("step,val/dice_mean\n250,0.3\n500,0.4\n750,0.45\n1000,0.5\n")
+    text = flattening_text(SimpleNamespace(name="s", methods=methods), [kept, bare])
+    assert "still rising for A +0.050." in text
+    assert text.endswith("No validation curve in the records of: B 1 of 1 runs.")
+    assert flattening_text(SimpleNamespace(name="s", methods=methods), [bare]) == (
+        "No validation curve in the records of: B 1 of 1 runs.")

@@ -88,6 +88,57 @@ def test_finished_runs_are_skipped_and_interrupted_fits_resume(smoke_plans, tmp_
     assert [c[0] for c in fake.calls] == ["fit", "fit", "test"] and (stage3 / "test_metrics.json").is_file()
 
 
+def test_a_run_whose_folder_is_gone_comes_back_from_its_record(smoke_plans, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run folders lost (another machine): the record in the results folder restores the run,
+    its metrics, run time and curve, and it is not rerun; under another key it is."""
+    import dataclasses
+    import shutil
+
+    from kdseg.reproduce import execute
+    from kdseg.reproduce.launch import launch
+    from kdseg.reproduce.records import read_record, write_record
+    from kdseg.results.curves import record_curves, run_curve
+    from kdseg.results.tables import _recorded_seconds
+
+    pce = smoke_plans[0]
+    fake = FakeKdseg()
+    monkeypatch.setattr(execute, "_call", fake)
+    (done,) = launch([pce], tmp_path / "out")
+    # validation rows as Lightning's CSVLogger writes them (step = global_step - 1), a train row between
+    (done.folder / "fit/version_0/metrics.csv").write_text("step,train/loss,val/dice_mean\n1,,0.2\n2,0.9,\n3,,0.4\n")
+    results = tmp_path / "results"
+    write_record(results, done, 123.4, record_curves(done))
+    shutil.rmtree(tmp_path / "out")
+    fake.calls.clear()
+
+    lines: list[str] = []
+    (restored,) = launch([pce], tmp_path / "out", say=lines.append, recorded=lambda p: read_record(results, p))
+    assert restored.status == "restored" and restored.has_metrics and fake.calls == []
+    assert restored.metrics == done.metrics and restored.result["checkpoint"] == done.result["checkpoint"]
+    assert _recorded_seconds(restored) == "123"
+    assert run_curve(restored, "val/dice_mean") == {2: 0.2, 4: 0.4}
+    assert any("skipped (finished, record in" in line for line in lines)
+    write_record(results, restored, None, {})  # a restored run's record is left as it is
+    assert read_record(results, pce).run_seconds == 123.4
+
+    from kdseg.results.figures import write_figures
+
+    figures, warnings = tmp_path / "figures", []
+    figures.mkdir()
+    (figures / "qualitative_acdc_scribble.png").write_bytes(b"made from run folders earlier")
+    written = write_figures(figures, load_matrix(MATRIX), [restored], tmp_path / "cache", warn=warnings.append)
+    assert [p.name for p in written] == ["val_dice_curves_acdc_scribble.png"]  # the record has its curve
+    assert (figures / "qualitative_acdc_scribble.png").read_bytes() == b"made from run folders earlier"
+    assert warnings == ["figures: qualitative_acdc_scribble.png not redrawn (kept as it was): no run folder "
+                        "with a checkpoint for pCE"]
+
+    moved = dataclasses.replace(pce, stages=[dataclasses.replace(s, key="0" * 12) for s in pce.stages])
+    assert read_record(results, moved) is None  # another config: no record, so it runs
+    (rerun,) = launch([moved], tmp_path / "out", recorded=lambda p: read_record(results, p))
+    assert rerun.status == "finished" and [c[0] for c in fake.calls] == ["fit", "test"]
+
+
 def test_submitit_local_executor_runs_a_run_and_the_local_one_skips_it(smoke_plans, tmp_path: Path) -> None:
     """One real smoke run (pce) as a submitit job through its LocalExecutor (what ``--launcher
     slurm`` submits, run in a process here); the local launcher then finds it finished."""

@@ -40,17 +40,21 @@ class RunResult:
     """What became of one planned run."""
 
     plan: RunPlan
-    status: str  # "finished" (now), "skipped" (finished earlier), "failed", "not_run"
+    #: "finished" (now), "skipped" (finished earlier), "restored" (from its record in the results
+    #: folder, its run folder gone: kdseg.reproduce.records), "failed", "not_run"
+    status: str
     seconds: float = 0.0
     folder: Path | None = None
     test_metrics: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
     failure: dict[str, Any] | None = None
+    #: fit + test time as recorded (restored runs; the others' is read from their stage folders)
+    run_seconds: float | None = None
 
     @property
     def has_metrics(self) -> bool:
-        return self.status in ("finished", "skipped")
+        return self.status in ("finished", "skipped", "restored")
 
 
 class StageFailed(Exception):

@@ -43,15 +43,17 @@ class OutDirLock:
 
 def launch(runs: list[RunPlan], out: Path, launcher: str = "local", jobs: int = 1, threads: int = 1,
            max_runs: int | None = None, slurm: dict[str, Any] | None = None,
-           say: Callable[[str], None] = print) -> list[RunResult]:
+           say: Callable[[str], None] = print,
+           recorded: Callable[[RunPlan], RunResult | None] = lambda plan: None) -> list[RunResult]:
     """Runs the selected unfinished plans (at most ``max_runs``); one result per plan (unselected ones
-    read from disk when finished earlier)."""
+    read from disk when finished earlier). ``recorded``: a plan's result from its record when its run
+    folder has none (``records.read_record``); such a run is not rerun."""
     selected = [r for r in runs if r.selected]
     results: dict[int, RunResult] = {}
     todo: list[tuple[RunPlan, str]] = []
     for k, plan in enumerate(selected, start=1):
         prefix = f"[{k}/{len(selected)}] {plan.label}"
-        finished = read_finished(out / "runs", plan)
+        finished = read_finished(out / "runs", plan) or recorded(plan)
         if plan.error:
             (out / "logs").mkdir(parents=True, exist_ok=True)
             log = out / "logs" / f"plan-{plan.setting.name}-{plan.method.name}-seed{plan.seed}.err"
@@ -60,7 +62,8 @@ def launch(runs: list[RunPlan], out: Path, launcher: str = "local", jobs: int = 
             results[id(plan)] = RunResult(plan, "failed", failure={
                 "phase": "plan", "message": plan.error, "stderr": str(log), "stderr_tail": plan.error})
         elif finished is not None:
-            say(f"{prefix} skipped (finished) ({headline(plan, finished.metrics)})")
+            how = "finished" if finished.status == "skipped" else f"finished, record in {finished.folder}"
+            say(f"{prefix} skipped ({how}) ({headline(plan, finished.metrics)})")
             results[id(plan)] = finished
         elif max_runs is not None and len(todo) >= max_runs:
             say(f"{prefix} not run (--max-runs reached)")
@@ -70,7 +73,8 @@ def launch(runs: list[RunPlan], out: Path, launcher: str = "local", jobs: int = 
         results.update(_local(todo, out, jobs, threads, say))
     elif todo:
         results.update(_submitit(todo, out, launcher, {**SLURM_DEFAULTS, **(slurm or {})}, say))
-    return [results.get(id(p)) or read_finished(out / "runs", p) or RunResult(p, "not_run") for p in runs]
+    return [results.get(id(p)) or read_finished(out / "runs", p) or recorded(p) or RunResult(p, "not_run")
+            for p in runs]
 
 
 def _local(todo: list[tuple[RunPlan, str]], out: Path, jobs: int, threads: int,

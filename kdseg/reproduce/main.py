@@ -106,7 +106,10 @@ def _run(args: argparse.Namespace, start: float) -> int:
                 keys = " -> ".join(s.folder_name if s.key else f"({s.error})" for s in r.stages) or f"({r.error})"
                 say(f"  {'*' if r.selected else ' '} {r.label}: {keys}")
             return 0
-        results = launch(runs, out, args.launcher, jobs, threads, args.max_runs, slurm, say)
+        from kdseg.reproduce.records import read_record
+
+        results = launch(runs, out, args.launcher, jobs, threads, args.max_runs, slurm, say,
+                         recorded=lambda plan: read_record(results_dir, plan))
         from kdseg.results.tables import write_tables
 
         paths = write_tables(results_dir, matrix, profile, results, papers)
@@ -119,10 +122,11 @@ def _run(args: argparse.Namespace, start: float) -> int:
             if figures:
                 say(f"reproduce: wrote {len(figures)} figures to {results_dir / 'figures'}")
     mine = [r for r in results if r.plan.selected]
-    counts = {s: sum(r.status == s for r in mine) for s in ("finished", "skipped", "failed", "not_run")}
+    counts = {s: sum(r.status == s for r in mine) for s in ("finished", "skipped", "restored", "failed", "not_run")}
     if not args.table_only:
         say(f"reproduce: {len(mine)} selected runs: {counts['finished']} finished now, {counts['skipped']} skipped "
-            f"(finished earlier), {counts['failed']} FAILED, {counts['not_run']} not run; "
+            f"(finished earlier), {counts['restored']} restored from their records, "
+            f"{counts['failed']} FAILED, {counts['not_run']} not run; "
             f"{time.monotonic() - start:.0f}s")
     for r in (r for r in mine if r.status == "failed"):
         say(f"reproduce: FAILED {r.plan.label}: {(r.failure or {}).get('message')} "

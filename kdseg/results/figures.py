@@ -1,6 +1,6 @@
 """The figures per setting: ``qualitative_<setting>.png`` (two test cases: image, ground truth and
-each method's prediction by its tested checkpoint, lowest finished seed, made once by ``kdseg
-predict`` into ``<out>/figures/<key>/``; a failed prediction leaves its error in the panel) and
+each method's prediction by its tested checkpoint, lowest finished seed with a run folder, made once
+by ``kdseg predict`` into ``<out>/figures/<key>/``; a failed prediction leaves its error in the panel) and
 ``val_dice_curves_<setting>.png`` (validation Dice and the monitor against the last stage's step,
 mean over finished seeds and all version folders).
 """
@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 
 from kdseg.callbacks.prediction_writer import overlay_labels
-from kdseg.results.curves import mean_curve, read_curve
+from kdseg.results.curves import curve_metrics, mean_curve, record_curves, run_curve
 from kdseg.reproduce.execute import RunResult, fit_versions
 from kdseg.reproduce.spec import Matrix, Setting
 
@@ -35,22 +35,33 @@ def write_figures(figures_dir: Path, matrix: Matrix, results: list[RunResult], c
         mine = [r for r in results if r.plan.setting.name == setting.name and r.has_metrics and r.folder]
         if not mine:
             continue
-        written.append(curves_figure(figures_dir / f"val_dice_curves_{setting.name}.png", setting, mine))
-        written.append(qualitative_figure(figures_dir / f"qualitative_{setting.name}.png", setting, mine,
-                                          cache_dir, warn))
+        # A figure that would leave out finished runs is not redrawn: restored runs keep no checkpoint
+        # and older records no curve (kdseg.reproduce.records); the figure already there stays.
+        curves_path = figures_dir / f"val_dice_curves_{setting.name}.png"
+        if without := [r.plan.label for r in mine if r.status == "restored" and not any(record_curves(r).values())]:
+            warn(f"figures: {curves_path.name} not redrawn (kept as it was): no curve in the records of "
+                 f"{', '.join(without)}")
+        else:
+            written.append(curves_figure(curves_path, setting, mine))
+        qualitative_path = figures_dir / f"qualitative_{setting.name}.png"
+        with_folder = [r for r in mine if r.status != "restored"]
+        if lacking := sorted({r.plan.method.label for r in mine} - {r.plan.method.label for r in with_folder}):
+            warn(f"figures: {qualitative_path.name} not redrawn (kept as it was): no run folder with a checkpoint "
+                 f"for {', '.join(lacking)}")
+        else:
+            written.append(qualitative_figure(qualitative_path, setting, with_folder, cache_dir, warn))
     return written
 
 
 def curves_figure(path: Path, setting: Setting, results: list[RunResult]) -> Path:
     import matplotlib.pyplot as plt
 
-    found = (r.plan.final.get("checkpoint.monitor") for r in results)
-    monitors = list(dict.fromkeys(["val/dice_mean", *(str(m) for m in found if m)]))
+    monitors = list(dict.fromkeys(m for r in results for m in curve_metrics(r)))
     fig, axes = plt.subplots(1, len(monitors), figsize=(6.0 * len(monitors), 4.0), squeeze=False)
     for ax, metric in zip(axes[0], monitors):
         for method in setting.methods.values():
             runs = [r for r in results if r.plan.method.name == method.name]
-            curves = [c for c in (read_curve(r.folder, metric) for r in runs if r.folder) if c]
+            curves = [c for c in (run_curve(r, metric) for r in runs) if c]
             if not curves:
                 continue
             final = runs[0].plan.final

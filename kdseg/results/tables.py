@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,8 +21,9 @@ from kdseg.evaluation.metric_ids import KNOWN_METRICS
 from kdseg.evaluation.volume import describe_distances
 from kdseg.metrics.paired import PairedDifference
 from kdseg.results.baseline import between_methods_text, caption_text, compare_to_baseline
-from kdseg.results.curves import flattening_text
+from kdseg.results.curves import flattening_text, record_curves
 from kdseg.reproduce.execute import RunResult, fit_seconds
+from kdseg.reproduce.records import write_record
 from kdseg.reproduce.spec import Matrix, PaperNumbers, Profile, ReportedRow, Setting
 
 DASH = "–"
@@ -381,8 +381,9 @@ def csv_rows(matrix: Matrix, results: list[RunResult],
 
 def write_tables(results_dir: Path, matrix: Matrix, profile: Profile, results: list[RunResult],
                  papers: PaperNumbers | None) -> dict[str, Path]:
-    """Writes the tables, ``runs.csv`` and the per-run files under ``results_dir`` (rewritten on each
-    call: a view of the run folders); returns the table paths."""
+    """Writes the tables, ``runs.csv`` and the finished runs' records (``kdseg.reproduce.records``)
+    under ``results_dir`` (rewritten on each call: a view of the run folders and records); returns the
+    table paths."""
     results_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": results_dir / "table.md", "csv": results_dir / "table.csv", "tex": results_dir / "table.tex"}
     paths["md"].write_text(markdown(matrix, profile, results, papers))
@@ -407,12 +408,9 @@ def write_tables(results_dir: Path, matrix: Matrix, profile: Profile, results: l
                 "+".join(str(s.key) for s in r.plan.stages), r.folder or "", r.result.get("checkpoint", ""),
                 failure.get("message", ""), failure.get("stderr", ""),
             ])
-    for r in (r for r in results if r.has_metrics and r.folder is not None):  # a results folder without checkpoints
-        target = results_dir / "runs" / r.plan.setting.name / r.plan.method.name / f"seed{r.plan.seed}"
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("test_metrics.json", "test_cases.csv", "result.json"):
-            if (r.folder / name).is_file():
-                shutil.copyfile(r.folder / name, target / name)
+    for r in (r for r in results if r.has_metrics and r.folder is not None):  # records: no checkpoints
+        seconds = _recorded_seconds(r)
+        write_record(results_dir, r, float(seconds) if seconds else None, record_curves(r))
     return paths
 
 
@@ -420,6 +418,8 @@ def _recorded_seconds(r: RunResult) -> str:
     """Sum of the stages' fit seconds over all their attempts plus the test's, '' while any is missing."""
     if not r.has_metrics or r.folder is None:
         return ""
+    if r.status == "restored":
+        return "" if r.run_seconds is None else f"{r.run_seconds:.0f}"
     total = float(r.result.get("test_seconds", math.nan))
     for stage in r.plan.stages:
         seconds = fit_seconds(r.folder.parent / stage.folder_name)
