@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -233,6 +234,22 @@ def test_whole_smoke_matrix(tmp_path: Path) -> None:
             assert (tmp_path / "results" / "smoke" / "figures" / f"{kind}_{setting.name}.png").is_file()
     second = subprocess.run(cmd, cwd=REPO, env=REPRODUCE_ENV, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "started" not in second.stdout, second.stdout
+
+    # The run folders lost (another machine): every run comes back from its record, none reruns.
+    results = tmp_path / "results" / "smoke"
+    table_csv = (results / "table.csv").read_text()
+    with (results / "runs.csv").open() as f:
+        seconds = {(r["setting"], r["method"]): r["run_seconds"] for r in csv.DictReader(f)}
+    shutil.rmtree(tmp_path / "out")
+    third = subprocess.run(cmd, cwd=REPO, env=REPRODUCE_ENV, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0 and "started" not in third.stdout, third.stdout
+    assert f"{len(seconds)} restored from their records" in third.stdout
+    assert (results / "table.csv").read_text() == table_csv
+    with (results / "runs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["status"] for r in rows} == {"restored"}
+    assert {(r["setting"], r["method"]): r["run_seconds"] for r in rows} == seconds
+    assert "qualitative_acdc_scribble.png not redrawn (kept as it was)" in third.stdout
 
 
 def test_a_fit_stopped_by_sigterm_is_not_finished(tmp_path: Path) -> None:
