@@ -5,9 +5,9 @@ what the table needs of the run once its run folder is gone (``test_metrics.json
 
 ``write_tables`` writes a record for every finished run; the runner reads them back
 (:func:`read_record`) for runs without a finished folder under ``--out`` (another machine, a
-deleted folder). A record counts only under the same stage keys, so a changed config still reruns.
-Such a run is not rerun, and its row, run time, paired differences and curve come from the
-record; its checkpoint is not kept, so the qualitative figure needs a run folder.
+deleted folder). A run restored from its record is not rerun: its row, run time, paired differences
+and curve come from the record. A record counts only under the same stage keys, so a changed config
+still reruns. Checkpoints are not kept, so the qualitative figure needs run folders.
 """
 
 from __future__ import annotations
