@@ -248,6 +248,8 @@ def test_whole_smoke_matrix(tmp_path: Path) -> None:
     with (results / "runs.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert {r["status"] for r in rows} == {"restored"}
+    # the record's folder, relative to the results folder: the same file in every clone
+    assert all(r["folder"] == f"runs/{r['setting']}/{r['method']}/seed{r['seed']}" for r in rows), rows
     assert {(r["setting"], r["method"]): r["run_seconds"] for r in rows} == seconds
     assert "qualitative_acdc_scribble.png not redrawn (kept as it was)" in third.stdout
 

@@ -69,11 +69,15 @@ def read_finished(runs_dir: Path, plan: RunPlan) -> RunResult | None:
     """The result of ``plan`` if its last stage has finished (``test_metrics.json`` exists)."""
     if plan.error or not plan.stages or not (runs_dir / plan.final.folder_name / "test_metrics.json").is_file():
         return None
-    folder = runs_dir / plan.final.folder_name
+    return result_in(runs_dir / plan.final.folder_name, plan, "skipped")
+
+
+def result_in(folder: Path, plan: RunPlan, status: str, **more: Any) -> RunResult:
+    """A finished run's result from the ``test_metrics.json`` (and ``result.json``) in ``folder``."""
     content = json.loads((folder / "test_metrics.json").read_text())
     result = json.loads((folder / "result.json").read_text()) if (folder / "result.json").is_file() else {}
-    return RunResult(plan, "skipped", folder=folder, test_metrics=content,
-                     metrics=flatten_test_metrics(plan.setting.task, content), result=result)
+    return RunResult(plan, status, folder=folder, test_metrics=content,
+                     metrics=flatten_test_metrics(plan.setting.task, content), result=result, **more)
 
 
 def headline(plan: RunPlan, metrics: dict[str, float]) -> str:

@@ -18,8 +18,7 @@ import math
 import shutil
 from pathlib import Path
 
-from kdseg.evaluation.metric_ids import flatten_test_metrics
-from kdseg.reproduce.execute import RunResult
+from kdseg.reproduce.execute import RunResult, result_in
 from kdseg.reproduce.plan import RunPlan
 
 RECORD = "record.json"
@@ -72,11 +71,7 @@ def read_record(results_dir: Path, plan: RunPlan) -> RunResult | None:
     record = json.loads((folder / RECORD).read_text())
     if record.get("keys") != plan_keys(plan):
         return None
-    content = json.loads((folder / "test_metrics.json").read_text())
-    result = json.loads((folder / "result.json").read_text()) if (folder / "result.json").is_file() else {}
-    return RunResult(plan, "restored", folder=folder, test_metrics=content,
-                     metrics=flatten_test_metrics(plan.setting.task, content), result=result,
-                     run_seconds=record.get("run_seconds"))
+    return result_in(folder, plan, "restored", run_seconds=record.get("run_seconds"))
 
 
 def read_record_curve(folder: Path, metric: str) -> dict[int, float]:

@@ -405,13 +405,22 @@ def write_tables(results_dir: Path, matrix: Matrix, profile: Profile, results: l
             writer.writerow([
                 r.plan.setting.name, r.plan.method.name, r.plan.seed, r.status, f"{r.seconds:.0f}",
                 _recorded_seconds(r),
-                "+".join(str(s.key) for s in r.plan.stages), r.folder or "", r.result.get("checkpoint", ""),
+                "+".join(str(s.key) for s in r.plan.stages), _folder_text(r, results_dir), r.result.get("checkpoint", ""),
                 failure.get("message", ""), failure.get("stderr", ""),
             ])
     for r in (r for r in results if r.has_metrics and r.folder is not None):  # records: no checkpoints
         seconds = _recorded_seconds(r)
         write_record(results_dir, r, float(seconds) if seconds else None, record_curves(r))
     return paths
+
+
+def _folder_text(r: RunResult, results_dir: Path) -> str:
+    """``runs.csv``'s folder: a restored run's record relative to ``results_dir`` (the same in every
+    clone), else the run folder."""
+    if r.folder is None:
+        return ""
+    return str(r.folder.relative_to(results_dir)) if r.status == "restored" and r.folder.is_relative_to(results_dir) \
+        else str(r.folder)
 
 
 def _recorded_seconds(r: RunResult) -> str:
